@@ -1,0 +1,97 @@
+//! The command line: `stall-lab [serve] [flags]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Flavor, Overrides};
+
+/// Exit code for bad configuration or bad flags (clap uses 2 for usage errors
+/// too, so scripts can treat every "you asked for something invalid" alike).
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stall-lab",
+    version,
+    about = "A diagnostic axum server that shows what is (and is not) parallel about async Rust",
+    long_about = "A diagnostic axum server that shows what is (and is not) parallel about async Rust.\n\n\
+        Endpoints stall the tokio executor on purpose (/block/*) or do the same work cooperatively \
+        (/coop/*, /offload/*); every answer measures what happened to the request. \
+        Run `stall-lab serve --help` for the server's flags, then open http://127.0.0.1:3000/.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Flags of `serve`, which is the default command.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the scenario server (the default command).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A TOML file overriding the built-in configuration (any subset of the
+    /// keys in config/default.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Application address (server.listen); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Runtime flavor (runtime.flavor).
+    #[arg(long, value_enum)]
+    pub flavor: Option<Flavor>,
+    /// Worker threads of the multi_thread runtime; 0 = one per core
+    /// (runtime.worker_threads).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Print the effective configuration, with where each value came from,
+    /// and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    serve(args)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        flavor: args.flavor,
+        workers: args.workers,
+    };
+    let loaded = match config::load(args.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("stall-lab: configuration error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if args.print_config {
+        print!("{}", loaded.to_annotated_toml());
+        return ExitCode::SUCCESS;
+    }
+    crate::telemetry::init_logging("info");
+    match crate::server::serve(loaded) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stall-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! stall-lab: an axum server that makes visible what is (and is not) parallel
+//! about async Rust.
+//!
+//! Layout, one concept per module:
+//!
+//! - [`cli`]: the command line (`stall-lab serve`), exit codes.
+//! - [`config`]: layered configuration: embedded defaults, file, env, flags.
+//! - [`runtime`]: the only place that builds the application runtime.
+//! - [`telemetry`]: the only place that touches the subscriber stack.
+//! - [`server`]: bind, announce `listening: …`, serve, drain on shutdown.
+//! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`app`]: the router, fallbacks and middleware.
+//! - [`request`]: runs every request in its own named, measured task.
+//! - [`measure`]: poll statistics of a future (polls, busy, longest poll,
+//!   scheduling delay, workers).
+//! - [`report`]: the JSON answer every scenario gives.
+//! - [`scenarios`]: one module per route, each a lesson.
+//! - [`params`], [`budget`], [`error`], [`state`], [`cpu`]: the handlers'
+//!   toolbox: validated `ms`/`n`, the stall budget, the JSON error shape,
+//!   shared state, and time-bounded CPU work.
+
+pub mod app;
+pub mod budget;
+pub mod cli;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod measure;
+pub mod params;
+pub mod report;
+pub mod request;
+pub mod runtime;
+pub mod scenarios;
+pub mod server;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,222 @@
+//! The answer every scenario gives: what happened to this request, measured.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Json, Response};
+use serde::Serialize;
+
+use crate::error::AppError;
+use crate::measure::{PollStats, Snapshot, ms};
+
+/// The JSON body of every scenario.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The route, e.g. `/block/sleep`.
+    pub scenario: &'static str,
+    /// The parameters as understood, e.g. `{"ms": 200}`.
+    pub params: serde_json::Value,
+    /// Poll statistics of the request's own task (see [`crate::measure`]).
+    #[serde(flatten)]
+    pub stats: Snapshot,
+    /// One plain sentence saying what the numbers mean.
+    pub verdict: String,
+    /// The pieces of work a fan-out or offload ran, with where and when.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<Job>,
+    /// Scenario-specific extra facts (e.g. the downstream call's status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Report {
+    /// The answer of `scenario` with its measured `stats` and `verdict`.
+    pub fn new(
+        scenario: &crate::scenarios::Scenario,
+        params: serde_json::Value,
+        stats: Snapshot,
+        verdict: String,
+    ) -> Report {
+        Report {
+            scenario: scenario.route,
+            params,
+            stats,
+            verdict,
+            jobs: Vec::new(),
+            detail: None,
+        }
+    }
+
+    pub fn with_jobs(mut self, jobs: Vec<Job>) -> Report {
+        self.jobs = jobs;
+        self
+    }
+
+    pub fn with_detail(mut self, detail: serde_json::Value) -> Report {
+        self.detail = Some(detail);
+        self
+    }
+}
+
+/// Awaits every job's `JoinHandle`, in order.
+pub async fn join_jobs(handles: Vec<tokio::task::JoinHandle<Job>>) -> Result<Vec<Job>, AppError> {
+    let mut jobs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        jobs.push(
+            handle
+                .await
+                .map_err(|e| AppError::Internal(format!("job failed: {e}")))?,
+        );
+    }
+    Ok(jobs)
+}
+
+impl IntoResponse for Report {
+    fn into_response(self) -> Response {
+        Json(self).into_response()
+    }
+}
+
+/// One unit of work inside a scenario: a timer wait, a spawned task or a
+/// blocking-pool job. `start_ms`/`end_ms` are relative to the request's start,
+/// so overlapping intervals *are* parallelism (or concurrency, for timers).
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub index: usize,
+    /// `"worker N"` or `"blocking pool"`: where the job's code ran.
+    pub ran_on: String,
+    /// The OS thread's name, e.g. `app-rt-3`: tells blocking-pool threads apart.
+    pub thread: String,
+    pub start_ms: f64,
+    pub end_ms: f64,
+    /// Time the job spent on a thread: CPU work for CPU jobs, about 0 for
+    /// timer waits.
+    pub busy_ms: f64,
+}
+
+impl Job {
+    /// Runs `ms` of CPU work on the calling thread and records it as job
+    /// `index` of a request that started at `request_started`.
+    pub fn cpu(index: usize, ms: u64, request_started: Instant) -> Job {
+        let start = Instant::now();
+        crate::cpu::burn(std::time::Duration::from_millis(ms));
+        let end = Instant::now();
+        Job::record(index, request_started, start, end, end - start)
+    }
+
+    /// A job that ran from `start` to `end` on the calling thread, busy for
+    /// `busy` of that time.
+    pub fn record(
+        index: usize,
+        request_started: Instant,
+        start: Instant,
+        end: Instant,
+        busy: Duration,
+    ) -> Job {
+        Job {
+            index,
+            ran_on: crate::runtime::current_place(),
+            thread: std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_owned(),
+            start_ms: ms(start.saturating_duration_since(request_started)),
+            end_ms: ms(end.saturating_duration_since(request_started)),
+            busy_ms: ms(busy),
+        }
+    }
+}
+
+/// How many jobs ran at once on average: the sum of their busy time over the
+/// wall time of the whole batch. 1.0 is one-at-a-time; 2.0 is two threads
+/// working all along.
+pub fn parallelism(jobs: &[Job]) -> f64 {
+    let busy: f64 = jobs.iter().map(|j| j.busy_ms).sum();
+    let start = jobs
+        .iter()
+        .map(|j| j.start_ms)
+        .fold(f64::INFINITY, f64::min);
+    let end = jobs.iter().map(|j| j.end_ms).fold(0.0, f64::max);
+    if end > start {
+        (busy / (end - start) * 10.0).round() / 10.0
+    } else {
+        1.0
+    }
+}
+
+/// The distinct places (workers or blocking threads) the jobs ran on.
+pub fn job_places(jobs: &[Job]) -> Vec<String> {
+    let mut places: Vec<String> = jobs
+        .iter()
+        .map(|j| {
+            if j.ran_on == crate::runtime::BLOCKING_POOL {
+                format!("{} thread {}", j.ran_on, j.thread)
+            } else {
+                j.ran_on.clone()
+            }
+        })
+        .collect();
+    places.sort();
+    places.dedup();
+    places
+}
+
+/// The request's own poll statistics, handed to the handler by the request
+/// middleware ([`crate::request`]). Also the request's start time, the zero
+/// of every [`Job`] interval.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub stats: PollStats,
+    pub started: Instant,
+}
+
+impl Probe {
+    /// Milliseconds since the request started.
+    pub fn since_start(&self, at: Instant) -> f64 {
+        ms(at.saturating_duration_since(self.started))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Probe {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        parts.extensions.get::<Probe>().cloned().ok_or_else(|| {
+            AppError::Internal("request was not measured (missing request middleware)".into())
+        })
+    }
+}
+
+/// Formats milliseconds for verdicts: whole numbers above 10 ms, one
+/// decimal below, so "held worker 1 for 203 ms" and "busy for 0.1 ms".
+pub fn fmt_ms(value: f64) -> String {
+    if value >= 10.0 {
+        format!("{value:.0} ms")
+    } else if value >= 0.1 {
+        format!("{value:.1} ms")
+    } else {
+        format!("{value:.2} ms")
+    }
+}
+
+/// "worker 1", "workers 0 and 1", "workers 0, 1 and 2".
+pub fn fmt_places(places: &[String]) -> String {
+    let mut places: Vec<String> = places.to_vec();
+    places.sort();
+    places.dedup();
+    match places.as_slice() {
+        [] => "no thread".to_owned(),
+        [one] => one.clone(),
+        [init @ .., last] => {
+            let all_workers = places.iter().all(|p| p.starts_with("worker "));
+            if all_workers {
+                let numbers: Vec<&str> = places.iter().map(|p| &p["worker ".len()..]).collect();
+                let (init, last) = numbers.split_at(numbers.len() - 1);
+                format!("workers {} and {}", init.join(", "), last[0])
+            } else {
+                format!("{} and {last}", init.join(", "))
+            }
+        }
+    }
+}

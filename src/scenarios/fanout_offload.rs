@@ -1,0 +1,77 @@
+//! `/fanout/offload?n&ms` — `n` CPU jobs on the blocking pool
+//! (`spawn_blocking`).
+//!
+//! **What it does.** Submits `n` CPU jobs of `ms` each to tokio's blocking
+//! pool and awaits them all.
+//!
+//! **Why it is parallel on the pool, on any flavor.** Blocking-pool threads
+//! are separate OS threads, so the jobs run in parallel even on a
+//! `current_thread` runtime, and no worker is held meanwhile. Two limits stay
+//! visible: the pool has at most `runtime.max_blocking_threads` threads (more
+//! jobs queue for a thread), and the machine has only so many cores — 8 jobs
+//! on 2 cores take about 4·ms however many threads run them.
+//!
+//! **What you will see.**
+//! - JSON: `jobs` on several blocking-pool threads with overlapping
+//!   intervals; `detail.parallelism` close to the core count; `busy_ms` of
+//!   the request itself ≈ 0.
+//! - tokio-console: `n` blocking tasks, and the request task Idle.
+
+use axum::extract::State;
+use serde_json::json;
+
+use super::Scenario;
+use crate::budget::StallPermit;
+use crate::error::AppError;
+use crate::params::Params;
+use crate::report::{Job, Probe, Report, fmt_ms, job_places, parallelism};
+use crate::state::AppState;
+
+pub const SCENARIO: Scenario = Scenario {
+    route: "/fanout/offload",
+    params: &["n", "ms"],
+    lesson: "n CPU jobs on spawn_blocking run in parallel on the blocking pool, even on current_thread, holding no worker",
+    twin: Some("/fanout/spawn"),
+    stalls: true,
+    example_query: "n=4&ms=100",
+};
+
+pub async fn handler(
+    State(state): State<AppState>,
+    probe: Probe,
+    params: Params,
+) -> Result<Report, AppError> {
+    params.only(SCENARIO.params)?;
+    let n = params.n()?;
+    let ms = params.ms()?;
+    let _permit = StallPermit::acquire(&state)?;
+
+    let started = probe.started;
+    let handles: Vec<_> = (0..n as usize)
+        .map(|index| tokio::task::spawn_blocking(move || Job::cpu(index, ms, started)))
+        .collect();
+    let mut jobs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        jobs.push(
+            handle
+                .await
+                .map_err(|e| AppError::Internal(format!("job failed: {e}")))?,
+        );
+    }
+
+    let stats = probe.stats.snapshot();
+    let places = job_places(&jobs);
+    let p = parallelism(&jobs);
+    let verdict = format!(
+        "{n} CPU jobs of {} ran on {} blocking-pool thread(s) in {}: {p:.1}× parallel, while the request held a worker for only {}",
+        fmt_ms(ms as f64),
+        places.len(),
+        fmt_ms(stats.wall_ms),
+        fmt_ms(stats.busy_ms)
+    );
+    Ok(
+        Report::new(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
+            .with_jobs(jobs)
+            .with_detail(json!({ "parallelism": p, "threads": places.len() })),
+    )
+}

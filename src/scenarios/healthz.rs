@@ -1,0 +1,46 @@
+//! `/healthz` — answers at once. The probe that suffers when workers stall.
+//!
+//! **What it does.** Nothing: it returns as soon as it is polled.
+//!
+//! **Why it matters.** Its latency *is* the executor's health. Fired while
+//! `/block/sleep` holds the only worker of a `current_thread` runtime, it
+//! waits for the whole sleep; on `multi_thread`, another worker answers it.
+//! It is the victim, never the culprit.
+//!
+//! **What you will see.**
+//! - JSON: `wall_ms` and `busy_ms` of a few microseconds; `sched_delay_ms`
+//!   shows how long it waited for a worker once it was ready.
+//! - tokio-console: short-lived `GET /healthz` tasks.
+
+use axum::extract::State;
+use serde_json::json;
+
+use super::Scenario;
+use crate::error::AppError;
+use crate::params::Params;
+use crate::report::{Probe, Report, fmt_ms};
+use crate::state::AppState;
+
+pub const SCENARIO: Scenario = Scenario {
+    route: "/healthz",
+    params: &[],
+    lesson: "answers at once; its latency is the executor's health, and it suffers when workers stall",
+    twin: None,
+    stalls: false,
+    example_query: "",
+};
+
+pub async fn handler(
+    State(_state): State<AppState>,
+    probe: Probe,
+    params: Params,
+) -> Result<Report, AppError> {
+    params.only(SCENARIO.params)?;
+    let stats = probe.stats.snapshot();
+    let verdict = format!(
+        "healthy: answered in {} after waiting {} for a worker",
+        fmt_ms(stats.wall_ms),
+        fmt_ms(stats.sched_delay_ms)
+    );
+    Ok(Report::new(&SCENARIO, json!({}), stats, verdict))
+}

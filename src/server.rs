@@ -1,0 +1,105 @@
+//! Starting, running and stopping the application server.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::app::app;
+use crate::config::Loaded;
+use crate::state::AppState;
+
+/// Runs `stall-lab serve` to completion: builds the runtime, binds, serves
+/// until SIGINT/SIGTERM, drains, and returns.
+pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
+    let config = loaded.config;
+    let runtime =
+        crate::runtime::build(&config.runtime).context("cannot build the tokio runtime")?;
+    tracing::info!(
+        flavor = %config.runtime.flavor,
+        workers = config.runtime.effective_workers(),
+        max_blocking_threads = config.runtime.max_blocking_threads,
+        "runtime: {} with {} worker thread(s), blocking pool up to {} threads",
+        config.runtime.flavor,
+        config.runtime.effective_workers(),
+        config.runtime.max_blocking_threads,
+    );
+
+    let result = runtime.block_on(async {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
+        let addr = listener.local_addr()?;
+        announce("app", addr);
+        let state = AppState::new(&config, format!("http://{addr}"));
+        run(
+            listener,
+            state,
+            crate::shutdown::signal(),
+            Duration::from_millis(config.server.shutdown_grace_ms),
+        )
+        .await
+        .context("the application server failed")
+    });
+    // Detached work (a fan-out job whose request was abandoned, a blocking
+    // job still running) must not keep the process alive forever.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Prints the `listening: NAME http://ADDR` line scripts look for, on
+/// stdout, and flushes it at once (stdout is block-buffered when piped).
+pub fn announce(name: &str, addr: SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening: {name} http://{addr}");
+    let _ = out.flush();
+}
+
+/// Serves `state`'s application on `listener` until `shutdown` completes, then
+/// lets requests in flight finish for up to `grace`.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let in_flight = state.in_flight.clone();
+    let in_flight_at_start = in_flight.clone();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    });
+    // Starts counting only once shutdown has begun.
+    let grace_expired = async move {
+        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        let waiting = in_flight_at_start.load(Ordering::Relaxed);
+        if waiting > 0 {
+            tracing::info!(
+                "waiting up to {} ms for {waiting} request(s) in flight",
+                grace.as_millis()
+            );
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => {
+            tracing::info!("all connections closed; server stopped");
+            result
+        }
+        () = grace_expired => {
+            tracing::warn!(
+                "shutdown grace of {} ms (server.shutdown_grace_ms) elapsed with {} request(s) still in flight; exiting anyway",
+                grace.as_millis(),
+                in_flight.load(Ordering::Relaxed)
+            );
+            Ok(())
+        }
+    }
+}

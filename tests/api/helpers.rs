@@ -1,0 +1,177 @@
+//! `spawn_app`: runs the real binary as a child process on port 0, so every
+//! test gets its own runtime flavor, configuration and process-wide
+//! telemetry, and exercises the same `listening: …` contract scripts use.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stall-lab");
+
+/// How long a server may take to print its listening lines. Generous: CI
+/// machines are shared and may be busy compiling.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct TestApp {
+    child: Child,
+    /// `http://127.0.0.1:PORT` per listener name (`app`, …).
+    pub listeners: HashMap<String, String>,
+    pub client: reqwest::Client,
+    /// Every line the server printed on stdout so far.
+    #[allow(dead_code)]
+    pub stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestApp {
+    /// Base URL of the application server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.listeners["app"])
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request reaches the server")
+    }
+
+    /// GET, asserting 200, returning the JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.get(path).await;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.expect("JSON body");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// A GET with a fresh connection each time, timed by the client.
+    pub async fn timed_get(&self, path: &str) -> (u16, Duration) {
+        let client = fresh_client();
+        let start = Instant::now();
+        let response = client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request reaches the server");
+        let status = response.status().as_u16();
+        let _ = response.bytes().await;
+        (status, start.elapsed())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (up to `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that does not reuse connections, so each request is accepted
+/// afresh (the probe tests want that).
+pub fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// Starts `stall-lab serve --listen 127.0.0.1:0 <args>` with `env` added,
+/// and waits for its `listening: app` line.
+pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("spawn stall-lab");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    // Drain stdout for the child's whole life, so it never blocks on (or
+    // fails writing to) a full or closed pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+
+    let mut listeners = HashMap::new();
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !listeners.contains_key("app") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("listening: ") {
+                    let (name, url) = rest.split_once(' ').expect("listening: NAME URL");
+                    listeners.insert(name.to_owned(), url.to_owned());
+                }
+            }
+            Err(_) => {
+                let status = child.try_wait().ok().flatten();
+                panic!("stall-lab did not print `listening: app` (exit status: {status:?})");
+            }
+        }
+    }
+    TestApp {
+        child,
+        listeners,
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        stdout: lines,
+    }
+}
+
+/// Runs the binary to completion (for `--print-config` and startup errors).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args).stdin(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run stall-lab")
+}
+
+pub fn as_f64(body: &serde_json::Value, key: &str) -> f64 {
+    body[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` is a number in {body}"))
+}

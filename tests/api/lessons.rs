@@ -1,0 +1,111 @@
+//! The lessons, as comparisons measured in the same run, with margins wide
+//! enough for a shared, noisy 2-core machine.
+
+use std::time::Duration;
+
+use crate::helpers::{TestApp, as_f64, spawn_app};
+
+/// Starts `path` in the background, waits `after`, then times a `/healthz`
+/// probe on a fresh connection. Returns the probe's latency.
+async fn probe_during(app: &TestApp, path: &str, after: Duration) -> Duration {
+    let url = app.url(path);
+    let background =
+        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    tokio::time::sleep(after).await;
+    let (status, latency) = app.timed_get("/healthz").await;
+    assert_eq!(status, 200);
+    background.await.unwrap().unwrap();
+    latency
+}
+
+#[tokio::test]
+async fn current_thread_a_blocking_handler_stalls_everyone_a_cooperative_one_does_not() {
+    let app = spawn_app(&["--flavor", "current_thread"], &[]);
+    let blocked = probe_during(&app, "/block/sleep?ms=400", Duration::from_millis(50)).await;
+    let cooperative = probe_during(&app, "/coop/sleep?ms=400", Duration::from_millis(50)).await;
+    assert!(
+        blocked >= Duration::from_millis(250),
+        "probe during /block/sleep took {blocked:?}"
+    );
+    assert!(
+        cooperative < Duration::from_millis(100),
+        "probe during /coop/sleep took {cooperative:?}"
+    );
+}
+
+#[tokio::test]
+async fn multi_thread_another_worker_answers_while_one_is_blocked() {
+    let app = spawn_app(&["--flavor", "multi_thread", "--workers", "2"], &[]);
+    let url = app.url("/block/sleep?ms=1500");
+    let background =
+        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The best of a few probes: any one of them may land on the blocked
+    // worker's queue, but not all of them, because the free worker steals.
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let (status, latency) = app.timed_get("/healthz").await;
+        assert_eq!(status, 200);
+        best = best.min(latency);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let blocked = background.await.unwrap().unwrap();
+    assert_eq!(blocked.status(), 200);
+    assert!(
+        best < Duration::from_millis(250),
+        "best probe during a 1500 ms block took {best:?}"
+    );
+}
+
+#[tokio::test]
+async fn join_overlaps_waits_and_sequential_adds_them_up() {
+    let app = spawn_app(&[], &[]);
+    let join = app.get_json("/fanout/join?n=8&ms=200").await;
+    let sequential = app.get_json("/fanout/sequential?n=8&ms=200").await;
+    assert!(as_f64(&join, "wall_ms") < 400.0, "{join}");
+    assert!(as_f64(&sequential, "wall_ms") >= 1400.0, "{sequential}");
+}
+
+#[tokio::test]
+async fn blocking_is_one_long_poll_and_waiting_is_almost_no_poll() {
+    let app = spawn_app(&[], &[]);
+    let blocking = app.get_json("/block/sleep?ms=200").await;
+    assert_eq!(blocking["polls"], 1, "{blocking}");
+    assert!(as_f64(&blocking, "busy_ms") >= 180.0, "{blocking}");
+    let cooperative = app.get_json("/coop/sleep?ms=200").await;
+    assert!(as_f64(&cooperative, "busy_ms") < 20.0, "{cooperative}");
+    assert!(as_f64(&cooperative, "wall_ms") >= 190.0, "{cooperative}");
+}
+
+#[tokio::test]
+async fn coop_cpu_does_the_work_in_short_polls() {
+    let app = spawn_app(&[], &[]);
+    let body = app.get_json("/coop/cpu?ms=100").await;
+    assert!(as_f64(&body, "busy_ms") >= 90.0, "{body}");
+    assert!(body["polls"].as_u64().unwrap() >= 20, "{body}");
+    // Each slice is ~1 ms; allow for a preempted slice on a busy machine.
+    assert!(as_f64(&body, "longest_poll_ms") < 50.0, "{body}");
+}
+
+#[tokio::test]
+async fn spawned_cpu_jobs_are_parallel_only_with_two_workers() {
+    let single = spawn_app(&["--flavor", "current_thread"], &[]);
+    let body = single.get_json("/fanout/spawn?n=4&ms=100").await;
+    assert!(
+        as_f64(&body, "wall_ms") >= 380.0,
+        "one worker runs the jobs one by one: {body}"
+    );
+    assert_eq!(body["detail"]["parallelism"], 1.0, "{body}");
+
+    // Two workers on a 2-core machine shared with other tests: only require
+    // that *some* overlap happened, i.e. the jobs used both workers.
+    let double = spawn_app(&["--workers", "2"], &[]);
+    let body = double.get_json("/fanout/spawn?n=4&ms=100").await;
+    let places: std::collections::BTreeSet<&str> = body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["ran_on"].as_str().unwrap())
+        .collect();
+    assert_eq!(places.len(), 2, "jobs ran on both workers: {body}");
+}
