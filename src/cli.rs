@@ -53,6 +53,13 @@ pub struct ServeArgs {
     /// (runtime.worker_threads).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Do not export traces over OTLP (telemetry.otlp = false). Trace ids and
+    /// traceparent propagation keep working.
+    #[arg(long)]
+    pub no_otlp: bool,
+    /// Do not serve tokio-console (telemetry.console = false).
+    #[arg(long)]
+    pub no_console: bool,
     /// Print the effective configuration, with where each value came from,
     /// and exit.
     #[arg(long)]
@@ -74,6 +81,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         flavor: args.flavor,
         workers: args.workers,
+        no_otlp: args.no_otlp,
+        no_console: args.no_console,
     };
     let loaded = match config::load(args.config.as_deref(), std::env::vars(), &overrides) {
         Ok(loaded) => loaded,
@@ -86,7 +95,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         print!("{}", loaded.to_annotated_toml());
         return ExitCode::SUCCESS;
     }
-    crate::telemetry::init_logging("info");
     match crate::server::serve(loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

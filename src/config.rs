@@ -33,6 +33,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub runtime: RuntimeConfig,
     pub limits: LimitsConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -150,6 +151,10 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub flavor: Option<Flavor>,
     pub workers: Option<usize>,
+    /// `--no-otlp`: `telemetry.otlp = false`.
+    pub no_otlp: bool,
+    /// `--no-console`: `telemetry.console = false`.
+    pub no_console: bool,
 }
 
 /// The effective configuration plus where each key's value came from.
@@ -266,6 +271,15 @@ pub fn load(
     if let Some(workers) = overrides.workers {
         config.runtime.worker_threads = workers;
         sources.insert("runtime.worker_threads".into(), Source::Flag("--workers"));
+    }
+
+    if overrides.no_otlp {
+        config.telemetry.otlp = false;
+        sources.insert("telemetry.otlp".into(), Source::Flag("--no-otlp"));
+    }
+    if overrides.no_console {
+        config.telemetry.console = false;
+        sources.insert("telemetry.console".into(), Source::Flag("--no-console"));
     }
 
     let loaded = Loaded { config, sources };

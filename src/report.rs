@@ -22,6 +22,9 @@ pub struct Report {
     pub stats: Snapshot,
     /// One plain sentence saying what the numbers mean.
     pub verdict: String,
+    /// The request's trace id: paste it into Jaeger's search box.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// The pieces of work a fan-out or offload ran, with where and when.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<Job>,
@@ -43,6 +46,8 @@ impl Report {
             params,
             stats,
             verdict,
+            // Handlers run inside the request's server span.
+            trace_id: crate::telemetry::current_trace_id(),
             jobs: Vec::new(),
             detail: None,
         }

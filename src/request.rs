@@ -1,4 +1,5 @@
-//! Every request runs in its own named task, inside a measuring wrapper.
+//! Every request runs in its own named task, inside a server span and a
+//! measuring wrapper.
 //!
 //! axum does not schedule anything: hyper polls a request's handler inside
 //! the task of its *connection*. This middleware instead spawns the rest of
@@ -15,13 +16,23 @@
 //! request task still runs to completion; a blocking handler could not be
 //! interrupted anyway (it never reaches an `.await` where it could be
 //! cancelled), and finishing keeps the stall budget honest.
+//!
+//! The server span follows the OpenTelemetry HTTP semantic conventions
+//! (`http.request.method`, `http.route`, `url.path`,
+//! `http.response.status_code`), continues an inbound W3C `traceparent`, and
+//! ends with the poll statistics as attributes, so Jaeger shows *why* a
+//! request was slow: `busy_ms` ≈ `wall_ms` means it held a worker;
+//! a large `sched_delay_ms` means it waited for one.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::error::AppError;
 use crate::measure::PollStats;
@@ -49,17 +60,38 @@ pub async fn run_in_own_task(
         .to_owned();
     let name = task_name(req.method(), &route);
 
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %name,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %req.method(),
+        http.route = %route,
+        url.path = %req.uri().path(),
+        http.response.status_code = Empty,
+        wall_ms = Empty,
+        polls = Empty,
+        busy_ms = Empty,
+        longest_poll_ms = Empty,
+        sched_delay_ms = Empty,
+        workers = Empty,
+    );
+    // Before the span is first entered: afterwards its parent is fixed.
+    crate::telemetry::set_parent_from_headers(&span, req.headers());
+    let ids = crate::telemetry::span_ids(&span);
+
     let probe = Probe {
         stats: PollStats::new(),
         started: Instant::now(),
     };
     req.extensions_mut().insert(probe.clone());
-    let work = probe.stats.measure(next.run(req));
+    // Span outside, measurement inside: events the measuring wrapper emits
+    // (a long poll) land on the request's span.
+    let work = probe.stats.measure(next.run(req)).instrument(span.clone());
 
     state.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(&state);
-    let spawned = tokio::task::Builder::new().name(&name).spawn(work);
-    match spawned {
+    let mut response = match tokio::task::Builder::new().name(&name).spawn(work) {
         Ok(handle) => match handle.await {
             Ok(response) => response,
             Err(join_error) => {
@@ -71,7 +103,28 @@ pub async fn run_in_own_task(
             "cannot spawn request task for {name}: {spawn_error}"
         ))
         .into_response(),
+    };
+
+    let status = response.status();
+    let stats = probe.stats.snapshot();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
     }
+    span.record("wall_ms", stats.wall_ms);
+    span.record("polls", stats.polls);
+    span.record("busy_ms", stats.busy_ms);
+    span.record("longest_poll_ms", stats.longest_poll_ms);
+    span.record("sched_delay_ms", stats.sched_delay_ms);
+    span.record("workers", stats.workers.join(", "));
+
+    // W3C Trace Context level 2: tells the client which trace to look up.
+    if let Some((trace_id, span_id)) = ids
+        && let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-01"))
+    {
+        response.headers_mut().insert("traceresponse", value);
+    }
+    response
 }
 
 /// Decrements the in-flight gauge however the request ends.

@@ -17,6 +17,22 @@ use crate::state::AppState;
 /// until SIGINT/SIGTERM, drains, and returns.
 pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     let config = loaded.config;
+    // Telemetry first: the console layer must be in place before the runtime
+    // spawns its first task, or tokio-console would miss it.
+    let telemetry = crate::telemetry::init(
+        &config.telemetry,
+        &crate::telemetry::ResourceInfo {
+            flavor: config.runtime.flavor.as_str(),
+            workers: config.runtime.effective_workers(),
+        },
+    )?;
+    for line in telemetry.describe() {
+        tracing::info!("{line}");
+    }
+    if let Some(addr) = telemetry.console_addr() {
+        announce("console", addr);
+    }
+
     let runtime =
         crate::runtime::build(&config.runtime).context("cannot build the tokio runtime")?;
     tracing::info!(
@@ -50,8 +66,29 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     // Detached work (a fan-out job whose request was abandoned, a blocking
     // job still running) must not keep the process alive forever.
     runtime.shutdown_timeout(Duration::from_secs(1));
+
+    // Flush spans of the requests that completed. This blocks, so it runs
+    // here on the main thread, after the runtime is gone — never on a worker.
+    let report = telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT);
+    if report.dropped_spans > 0 {
+        tracing::warn!(
+            "telemetry: {} span(s) exported, {} dropped (collector unreachable or too slow)",
+            report.exported_spans,
+            report.dropped_spans
+        );
+    } else {
+        tracing::info!(
+            "telemetry: {} span(s) exported, none dropped",
+            report.exported_spans
+        );
+    }
     result
 }
+
+/// How long shutdown waits for the last spans to reach the collector. With
+/// the collector gone, the process still exits within
+/// `server.shutdown_grace_ms` + this + a little.
+pub const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Prints the `listening: NAME http://ADDR` line scripts look for, on
 /// stdout, and flushes it at once (stdout is block-buffered when piped).

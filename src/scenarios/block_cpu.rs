@@ -51,7 +51,8 @@ pub async fn handler(
 
     // The blocking call: pure computation, no `.await` inside, so this poll
     // lasts until the loop is done.
-    let rounds = cpu::burn(Duration::from_millis(ms));
+    let rounds =
+        tracing::info_span!("cpu loop", ms).in_scope(|| cpu::burn(Duration::from_millis(ms)));
 
     let stats = probe.stats.snapshot();
     let verdict = if stats.longest_poll_ms >= HOLD_MS {

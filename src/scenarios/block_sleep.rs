@@ -50,7 +50,9 @@ pub async fn handler(
 
     // The blocking call. No `.await`: this poll does not end until the
     // thread wakes up, so nothing else runs on this worker meanwhile.
-    std::thread::sleep(Duration::from_millis(ms));
+    // (The span shows the sleep in Jaeger; entering it is not an `.await`.)
+    tracing::info_span!("std::thread::sleep", ms)
+        .in_scope(|| std::thread::sleep(Duration::from_millis(ms)));
 
     let stats = probe.stats.snapshot();
     let verdict = if stats.longest_poll_ms >= HOLD_MS {

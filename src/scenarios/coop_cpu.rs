@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::{Scenario, worker_phrase};
 use crate::cpu;
@@ -53,18 +54,24 @@ pub async fn handler(
     let ms = params.ms()?;
     let total = Duration::from_millis(ms);
 
-    let mut done = Duration::ZERO;
-    let mut slices = 0u64;
-    while done < total {
-        let slice = SLICE.min(total - done);
-        let start = Instant::now();
-        cpu::burn(slice);
-        done += start.elapsed();
-        slices += 1;
-        // End this poll and go to the back of the queue: whatever else is
-        // ready on this worker runs now, before our next slice.
-        tokio::task::yield_now().await;
-    }
+    let sliced_loop = async {
+        let mut done = Duration::ZERO;
+        let mut slices = 0u64;
+        while done < total {
+            let slice = SLICE.min(total - done);
+            let start = Instant::now();
+            cpu::burn(slice);
+            done += start.elapsed();
+            slices += 1;
+            // End this poll and go to the back of the queue: whatever else is
+            // ready on this worker runs now, before our next slice.
+            tokio::task::yield_now().await;
+        }
+        slices
+    };
+    let slices = sliced_loop
+        .instrument(tracing::info_span!("cpu loop (sliced)", ms))
+        .await;
 
     let stats = probe.stats.snapshot();
     let verdict = format!(

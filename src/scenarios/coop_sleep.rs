@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::Scenario;
 use crate::error::AppError;
@@ -44,7 +45,9 @@ pub async fn handler(
     let ms = params.ms()?;
 
     // Returns `Pending` at once and frees the worker until the timer fires.
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+    tokio::time::sleep(Duration::from_millis(ms))
+        .instrument(tracing::info_span!("tokio::time::sleep", ms))
+        .await;
 
     let stats = probe.stats.snapshot();
     let verdict = format!(

@@ -19,6 +19,7 @@
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::Scenario;
 use crate::error::AppError;
@@ -45,13 +46,26 @@ pub async fn handler(
 
     let url = format!("{}/coop/sleep?ms={ms}", state.self_url);
     // Awaiting the response parks this task on the socket; the worker is free.
+    // A client span, and its context in a `traceparent` header: the called
+    // request continues this trace, so Jaeger shows both in one trace.
+    let client_span = tracing::info_span!(
+        "downstream call",
+        otel.name = "GET /coop/sleep",
+        otel.kind = "client",
+        http.request.method = "GET",
+        url.full = %url,
+        http.response.status_code = tracing::field::Empty,
+    );
     let response = state
         .http
         .get(&url)
+        .headers(crate::telemetry::inject_headers(&client_span))
         .send()
+        .instrument(client_span.clone())
         .await
         .map_err(|e| AppError::Downstream(format!("GET {url}: {e}")))?;
     let status = response.status().as_u16();
+    client_span.record("http.response.status_code", status);
     let body: serde_json::Value = response
         .json()
         .await

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::Scenario;
 use crate::error::AppError;
@@ -46,12 +47,15 @@ pub async fn handler(
     let ms = params.ms()?;
 
     let started = probe.started;
-    let waits = (0..n as usize).map(|index| async move {
-        let start = Instant::now();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        let end = Instant::now();
-        // A timer wait holds no thread: its busy time is ~0 by construction.
-        Job::record(index, started, start, end, Duration::ZERO)
+    let waits = (0..n as usize).map(|index| {
+        async move {
+            let start = Instant::now();
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let end = Instant::now();
+            // A timer wait holds no thread: its busy time is ~0 by construction.
+            Job::record(index, started, start, end, Duration::ZERO)
+        }
+        .instrument(tracing::info_span!("join branch", index, ms))
     });
     // All n futures are polled by this one task; their timers overlap.
     let jobs = futures::future::join_all(waits).await;

@@ -48,7 +48,12 @@ pub async fn handler(
 
     let started = probe.started;
     let handles: Vec<_> = (0..n as usize)
-        .map(|index| tokio::task::spawn_blocking(move || Job::cpu(index, ms, started)))
+        .map(|index| {
+            // Created here (a child of the request span), entered on the
+            // blocking thread.
+            let span = tracing::info_span!("offloaded job", index, ms);
+            tokio::task::spawn_blocking(move || span.in_scope(|| Job::cpu(index, ms, started)))
+        })
         .collect();
     let mut jobs = Vec::with_capacity(handles.len());
     for handle in handles {

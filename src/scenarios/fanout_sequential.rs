@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::Scenario;
 use crate::error::AppError;
@@ -46,7 +47,9 @@ pub async fn handler(
     for index in 0..n as usize {
         let start = Instant::now();
         // The next wait is not even created until this one is over.
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(Duration::from_millis(ms))
+            .instrument(tracing::info_span!("sequential wait", index, ms))
+            .await;
         jobs.push(Job::record(
             index,
             probe.started,

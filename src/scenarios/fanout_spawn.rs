@@ -21,6 +21,7 @@
 
 use axum::extract::State;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::Scenario;
 use crate::budget::StallPermit;
@@ -58,7 +59,15 @@ pub async fn handler(
         // another worker. The job itself never yields.
         let handle = tokio::task::Builder::new()
             .name(JOB_TASK_NAME)
-            .spawn(async move { Job::cpu(index, ms, started) })
+            // `.instrument` carries the request's trace into the new task:
+            // spans do not follow `spawn` by themselves.
+            .spawn(
+                async move { Job::cpu(index, ms, started) }.instrument(tracing::info_span!(
+                    "spawned job",
+                    index,
+                    ms
+                )),
+            )
             .map_err(|e| AppError::Internal(format!("cannot spawn job: {e}")))?;
         handles.push(handle);
     }

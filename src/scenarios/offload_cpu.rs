@@ -48,7 +48,10 @@ pub async fn handler(
     let started = probe.started;
     // The closure runs on a blocking-pool thread; awaiting its JoinHandle
     // frees this worker until the job is done.
-    let job = tokio::task::spawn_blocking(move || Job::cpu(0, ms, started))
+    // The span is created here, inside the request span, and entered on the
+    // blocking thread: spans do not follow `spawn_blocking` by themselves.
+    let span = tracing::info_span!("offloaded job", index = 0, ms);
+    let job = tokio::task::spawn_blocking(move || span.in_scope(|| Job::cpu(0, ms, started)))
         .await
         .map_err(|e| AppError::Internal(format!("offloaded job failed: {e}")))?;
 

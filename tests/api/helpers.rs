@@ -8,6 +8,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+/// Variables from the test's own environment that would redirect the
+/// servers' telemetry; removed so a developer's shell cannot change results.
+const OTEL_ENV: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "TOKIO_CONSOLE_BIND",
+];
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_stall-lab");
 
 /// How long a server may take to print its listening lines. Generous: CI
@@ -22,6 +35,8 @@ pub struct TestApp {
     /// Every line the server printed on stdout so far.
     #[allow(dead_code)]
     pub stdout: Arc<Mutex<Vec<String>>>,
+    /// Every log line the server printed on stderr so far.
+    pub stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestApp {
@@ -59,6 +74,11 @@ impl TestApp {
         let status = response.status().as_u16();
         let _ = response.bytes().await;
         (status, start.elapsed())
+    }
+
+    /// The server's stderr so far, one string.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
     }
 
     pub fn pid(&self) -> u32 {
@@ -112,15 +132,32 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
+        .stderr(Stdio::piped())
+        // Tests never depend on a collector or on port 6669 being free;
+        // the telemetry tests override these.
+        .env("STALL_LAB__TELEMETRY__OTLP", "false")
+        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
+        .env_remove("RUST_LOG");
+    for key in OTEL_ENV {
+        command.env_remove(key);
+    }
     for (key, value) in env {
         command.env(key, value);
     }
     let mut child = command.spawn().expect("spawn stall-lab");
+    let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = stderr_lines.clone();
+    let echo = std::env::var_os("TEST_LOG").is_some();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("[stall-lab] {line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let lines = Arc::new(Mutex::new(Vec::new()));
@@ -157,13 +194,18 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
         listeners,
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         stdout: lines,
+        stderr: stderr_lines,
     }
 }
 
 /// Runs the binary to completion (for `--print-config` and startup errors).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null());
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .env("STALL_LAB__TELEMETRY__OTLP", "false")
+        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0");
     for (key, value) in env {
         command.env(key, value);
     }

@@ -8,5 +8,7 @@
 mod config;
 mod helpers;
 mod lessons;
+mod otlp_support;
 mod scenarios;
 mod shutdown;
+mod telemetry;

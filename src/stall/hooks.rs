@@ -1,0 +1,86 @@
+//! The poll hooks: the only stall-watcher code that runs on the workers.
+//!
+//! `on_before_task_poll` and `on_after_task_poll` (tokio_unstable) run on the
+//! worker thread immediately around every task poll. They must be cheap: a
+//! thread-local read for the worker index, one clock read, a few relaxed or
+//! release atomic stores. Anything heavier — looking up the culprit, reading
+//! the CPU clock — happens only when a poll turns out to be long.
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use super::{Culprit, Monitor, cpu, task_id};
+
+/// A poll that lasted at least the threshold, reported by the after-poll hook
+/// with exact timestamps.
+#[derive(Debug)]
+pub struct LongPoll {
+    pub worker: usize,
+    pub seq: u64,
+    pub started_ns: u64,
+    pub ended_ns: u64,
+    pub task: u64,
+    pub culprit: Option<Arc<Culprit>>,
+    pub tid: u64,
+    /// The thread's CPU clock at the end of the poll.
+    pub cpu_end_ns: Option<u64>,
+}
+
+thread_local! {
+    /// Whether this worker thread has recorded its OS thread id yet.
+    static TID_RECORDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs the hooks on `builder`; long polls are sent to `long_polls`.
+pub fn install(builder: &mut tokio::runtime::Builder, monitor: Arc<Monitor>, long_polls: Sender<LongPoll>) {
+    let before = monitor.clone();
+    builder.on_before_task_poll(move |meta| {
+        let Some(worker) = tokio::runtime::worker_index() else { return };
+        let Some(slot) = before.slots.get(worker) else { return };
+        if !TID_RECORDED.get() {
+            if let Some(tid) = cpu::current_tid() {
+                slot.tid.store(tid, Ordering::Relaxed);
+            }
+            TID_RECORDED.set(true);
+        }
+        // Sequence first, then the fields, start last with Release: a reader
+        // that sees the new start also sees the new task (see
+        // `Monitor::current_poll`).
+        slot.poll_seq.fetch_add(1, Ordering::AcqRel);
+        slot.task.store(task_id(meta.id()), Ordering::Release);
+        slot.poll_started.store(before.now_ns() + 1, Ordering::Release);
+        slot.polls.fetch_add(1, Ordering::Relaxed);
+    });
+
+    let after = monitor;
+    // `Sender` is `Send + Sync` (Rust ≥ 1.72), so the hook can own it.
+    builder.on_after_task_poll(move |meta| {
+        let Some(worker) = tokio::runtime::worker_index() else { return };
+        let Some(slot) = after.slots.get(worker) else { return };
+        let started = slot.poll_started.swap(0, Ordering::AcqRel);
+        if started == 0 {
+            return;
+        }
+        let started_ns = started - 1;
+        let ended_ns = after.now_ns();
+        if Duration::from_nanos(ended_ns.saturating_sub(started_ns)) < after.threshold {
+            return;
+        }
+        // A long poll: now, and only now, do the expensive parts.
+        let task = task_id(meta.id());
+        let tid = slot.tid.load(Ordering::Relaxed);
+        let _ = long_polls.send(LongPoll {
+            worker,
+            seq: slot.poll_seq.load(Ordering::Acquire),
+            started_ns,
+            ended_ns,
+            task,
+            culprit: after.culprits.get(task),
+            tid,
+            cpu_end_ns: cpu::thread_cpu_ns(tid),
+        });
+    });
+}

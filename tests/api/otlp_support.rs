@@ -1,0 +1,322 @@
+//! Test helpers: in-process OTLP receivers (gRPC and HTTP) and a tokio-console
+//! client. Each receiver runs on its **own OS thread with its own runtime**, so
+//! it keeps receiving while the runtime under test is deliberately blocked.
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different subset
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+/// One received span, flattened. Attribute values are plain strings
+/// (`"42"`, `"true"`, `"/x"`), not protobuf debug output.
+#[derive(Debug, Clone)]
+pub struct RecordedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty string for a root span.
+    pub parent_span_id: String,
+    pub attributes: BTreeMap<String, String>,
+    /// Resource attributes of the batch the span came in (service.name, ...).
+    pub resource: BTreeMap<String, String>,
+    /// (trace_id, span_id) of each link.
+    pub links: Vec<(String, String)>,
+    /// Event names (for `tracing` events: the message).
+    pub events: Vec<String>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn value_string(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), value_string(&kv.value)))
+        .collect()
+}
+
+/// Flattens an OTLP request (same message for gRPC and HTTP/protobuf).
+pub fn flatten(req: ExportTraceServiceRequest) -> Vec<RecordedSpan> {
+    let mut out = Vec::new();
+    for rs in req.resource_spans {
+        let resource = rs
+            .resource
+            .map(|r| attrs(&r.attributes))
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                out.push(RecordedSpan {
+                    name: s.name,
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: hex(&s.parent_span_id),
+                    attributes: attrs(&s.attributes),
+                    resource: resource.clone(),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                    events: s.events.iter().map(|e| e.name.clone()).collect(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Spans received so far, shared between the server thread and the test.
+#[derive(Clone, Default)]
+pub struct SpanStore(Arc<Mutex<Vec<RecordedSpan>>>);
+
+impl SpanStore {
+    fn push_all(&self, spans: Vec<RecordedSpan>) {
+        self.0.lock().unwrap().extend(spans);
+    }
+    pub fn spans(&self) -> Vec<RecordedSpan> {
+        self.0.lock().unwrap().clone()
+    }
+    /// Waits (on whatever runtime the caller uses) until `pred` holds.
+    pub async fn wait_for(
+        &self,
+        pred: impl Fn(&[RecordedSpan]) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.0.lock().unwrap()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    /// Same, from a plain thread (no runtime needed).
+    pub fn wait_for_blocking(
+        &self,
+        pred: impl Fn(&[RecordedSpan]) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.0.lock().unwrap()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `make_server(listener)` on a new thread with its own current-thread
+/// runtime. The runtime lives until the process exits (tests are short).
+fn spawn_server<F, Fut>(name: &str, make_server: F) -> SocketAddr
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // Receiver internals must not show up in the telemetry under test.
+            let _quiet =
+                tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                make_server(listener).await;
+            });
+        })
+        .unwrap();
+    rx.recv().unwrap()
+}
+
+struct Collector(SpanStore);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.push_all(flatten(request.into_inner()));
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// OTLP/gRPC receiver on 127.0.0.1:0.
+///
+/// Why not `fake_opentelemetry_collector::FakeCollectorServer` (0.42)? It drops
+/// `resource_spans.resource` (so service.name can't be checked), renders
+/// attribute values as protobuf `Debug` strings, and pushes into a bounded
+/// (64) channel that back-pressures the exporter when the test isn't reading.
+/// This is the same tonic `TraceService`, keeping everything.
+pub struct GrpcReceiver {
+    pub addr: SocketAddr,
+    pub store: SpanStore,
+}
+
+impl GrpcReceiver {
+    pub fn start() -> Self {
+        let store = SpanStore::default();
+        let s = store.clone();
+        let addr = spawn_server("grpc-receiver", move |listener| async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collector(s)))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Self { addr, store }
+    }
+    /// Base URL for `telemetry.otlp_endpoint` with protocol grpc.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub async fn wait_for(
+        &self,
+        pred: impl Fn(&[RecordedSpan]) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        self.store.wait_for(pred, timeout).await
+    }
+}
+
+/// OTLP/HTTP receiver: axum on 127.0.0.1:0, `POST /v1/traces` with
+/// `application/x-protobuf`, decoded with prost.
+pub struct HttpReceiver {
+    pub addr: SocketAddr,
+    pub store: SpanStore,
+}
+
+impl HttpReceiver {
+    pub fn start() -> Self {
+        use axum::http::{HeaderMap, StatusCode, header};
+        use prost::Message;
+
+        let store = SpanStore::default();
+        let s = store.clone();
+        let addr = spawn_server("http-receiver", move |listener| async move {
+            let app = axum::Router::new().route(
+                "/v1/traces",
+                axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                    let s = s.clone();
+                    async move {
+                        let ct = headers
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        if ct != "application/x-protobuf" {
+                            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, ct.to_string()));
+                        }
+                        let req = ExportTraceServiceRequest::decode(body)
+                            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+                        s.push_all(flatten(req));
+                        Ok((
+                            [(header::CONTENT_TYPE, "application/x-protobuf")],
+                            ExportTraceServiceResponse::default().encode_to_vec(),
+                        ))
+                    }
+                }),
+            );
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, store }
+    }
+    /// Base URL for `telemetry.otlp_endpoint` with protocol http/protobuf
+    /// (telemetry appends `/v1/traces`).
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub async fn wait_for(
+        &self,
+        pred: impl Fn(&[RecordedSpan]) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        self.store.wait_for(pred, timeout).await
+    }
+}
+
+/// Connects to a tokio-console server and returns the names of the tasks it
+/// reports, reading updates until `done(names so far)` is true or `timeout`
+/// passes. Names arrive as the `task.name` field of each new task
+/// (`Field { name: StrName("task.name"), value: DebugVal/StrVal }`); tokio
+/// records an empty name for unnamed tasks, which are skipped. A task spawned
+/// just before the watch starts may only appear in a *later* update (the
+/// aggregator hasn't drained its event buffer yet), hence the loop.
+pub async fn console_tasks(
+    addr: SocketAddr,
+    done: impl Fn(&[String]) -> bool,
+    timeout: Duration,
+) -> Vec<String> {
+    use console_api::field::{Name, Value};
+    use console_api::instrument::InstrumentRequest;
+    use console_api::instrument::instrument_client::InstrumentClient;
+
+    let mut names: Vec<String> = Vec::new();
+    let attempt = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = InstrumentClient::new(channel);
+        let mut stream = client
+            .watch_updates(InstrumentRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        while let Some(update) = stream.message().await.ok()? {
+            let Some(tasks) = update.task_update else {
+                continue;
+            };
+            names.extend(
+                tasks
+                    .new_tasks
+                    .iter()
+                    .flat_map(|t| t.fields.iter())
+                    .filter(|f| matches!(&f.name, Some(Name::StrName(n)) if n == "task.name"))
+                    .filter_map(|f| match &f.value {
+                        Some(Value::StrVal(s)) | Some(Value::DebugVal(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .filter(|n| !n.is_empty()),
+            );
+            if done(&names) {
+                return Some(());
+            }
+        }
+        None
+    };
+    let _ = tokio::time::timeout(timeout, attempt).await;
+    names
+}
