@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Application address (server.listen); port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Admin server address: dashboard and /debug/* (admin.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
     /// Runtime flavor (runtime.flavor).
     #[arg(long, value_enum)]
     pub flavor: Option<Flavor>,
@@ -81,6 +84,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         flavor: args.flavor,
         workers: args.workers,
+        admin_listen: args.admin_listen,
         no_otlp: args.no_otlp,
         no_console: args.no_console,
     };

@@ -34,6 +34,28 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub limits: LimitsConfig,
     pub telemetry: crate::telemetry::TelemetryConfig,
+    pub admin: AdminConfig,
+    pub stall: StallConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin server (dashboard, /debug/*).
+    pub listen: SocketAddr,
+    /// Base URL of the Jaeger UI for trace links.
+    pub jaeger_ui_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StallConfig {
+    /// Whether the poll hooks and the watcher thread run at all.
+    pub watch: bool,
+    /// A poll longer than this is a stall.
+    pub threshold_ms: u64,
+    /// Finished stalls kept for /debug/stalls.
+    pub history: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +173,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub flavor: Option<Flavor>,
     pub workers: Option<usize>,
+    /// `--admin-listen`: `admin.listen`.
+    pub admin_listen: Option<SocketAddr>,
     /// `--no-otlp`: `telemetry.otlp = false`.
     pub no_otlp: bool,
     /// `--no-console`: `telemetry.console = false`.
@@ -273,6 +297,10 @@ pub fn load(
         sources.insert("runtime.worker_threads".into(), Source::Flag("--workers"));
     }
 
+    if let Some(listen) = overrides.admin_listen {
+        config.admin.listen = listen;
+        sources.insert("admin.listen".into(), Source::Flag("--admin-listen"));
+    }
     if overrides.no_otlp {
         config.telemetry.otlp = false;
         sources.insert("telemetry.otlp".into(), Source::Flag("--no-otlp"));
@@ -392,6 +420,16 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
         (1..=10_000).contains(&c.limits.max_fanout),
         "limits.max_fanout",
         format!("{} is outside 1..=10000", c.limits.max_fanout),
+    )?;
+    check(
+        (1..=60_000).contains(&c.stall.threshold_ms),
+        "stall.threshold_ms",
+        format!("{} is outside 1..=60000", c.stall.threshold_ms),
+    )?;
+    check(
+        (1..=100_000).contains(&c.stall.history),
+        "stall.history",
+        format!("{} is outside 1..=100000", c.stall.history),
     )?;
     check(
         c.limits.max_stalling_in_flight >= 1,

@@ -15,10 +15,15 @@
 //!   scheduling delay, workers).
 //! - [`report`]: the JSON answer every scenario gives.
 //! - [`scenarios`]: one module per route, each a lesson.
+//! - [`stall`]: the stall watcher: per-worker poll hooks, a watcher thread,
+//!   stall records and `executor.stall` spans.
+//! - [`admin`]: the admin server on its own thread and runtime: dashboard,
+//!   `/debug/runtime`, `/debug/stalls`, `/debug/events`.
 //! - [`params`], [`budget`], [`error`], [`state`], [`cpu`]: the handlers'
 //!   toolbox: validated `ms`/`n`, the stall budget, the JSON error shape,
 //!   shared state, and time-bounded CPU work.
 
+pub mod admin;
 pub mod app;
 pub mod budget;
 pub mod cli;
@@ -33,5 +38,6 @@ pub mod runtime;
 pub mod scenarios;
 pub mod server;
 pub mod shutdown;
+pub mod stall;
 pub mod state;
 pub mod telemetry;

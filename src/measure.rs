@@ -122,6 +122,7 @@ impl PollStats {
             inner: Box::pin(future),
             stats: self.clone(),
             waker_cache: None,
+            long_poll: None,
         }
     }
 
@@ -148,6 +149,17 @@ pub struct Measured<F> {
     /// usually polled with the same waker, so the wrapper is built once, not
     /// on every poll.
     waker_cache: Option<(Waker, Waker)>,
+    /// Polls at least this long emit an event ("held worker 1 for 203 ms
+    /// without yielding") on the current span: the request's server span.
+    long_poll: Option<Duration>,
+}
+
+impl<F> Measured<F> {
+    /// Emits an event for every poll of at least `threshold`.
+    pub fn report_polls_over(mut self, threshold: Duration) -> Self {
+        self.long_poll = Some(threshold);
+        self
+    }
 }
 
 impl<F: Future> Future for Measured<F> {
@@ -182,10 +194,20 @@ impl<F: Future> Future for Measured<F> {
         let result = this.inner.as_mut().poll(&mut Context::from_waker(&waker));
 
         let took = start.elapsed();
-        let mut state = this.stats.inner.state.lock().expect("poll stats lock");
-        state.busy += took;
-        state.longest = state.longest.max(took);
-        state.in_poll_since = None;
+        {
+            let mut state = this.stats.inner.state.lock().expect("poll stats lock");
+            state.busy += took;
+            state.longest = state.longest.max(took);
+            state.in_poll_since = None;
+        }
+        if this.long_poll.is_some_and(|threshold| took >= threshold) {
+            let place = crate::runtime::current_place();
+            tracing::warn!(
+                poll_ms = ms(took),
+                "held {place} for {:.0} ms without yielding",
+                took.as_secs_f64() * 1000.0
+            );
+        }
         result
     }
 }

@@ -174,6 +174,9 @@ pub fn job_places(jobs: &[Job]) -> Vec<String> {
 pub struct Probe {
     pub stats: PollStats,
     pub started: Instant,
+    /// Who this request is, for naming the tasks it spawns to the stall
+    /// watcher (`None` when the watcher is off).
+    pub culprit: Option<std::sync::Arc<crate::stall::Culprit>>,
 }
 
 impl Probe {

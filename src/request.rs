@@ -24,6 +24,7 @@
 //! request was slow: `busy_ms` ≈ `wall_ms` means it held a worker;
 //! a large `sched_delay_ms` means it waited for one.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -37,6 +38,7 @@ use tracing::field::Empty;
 use crate::error::AppError;
 use crate::measure::PollStats;
 use crate::report::Probe;
+use crate::stall::Culprit;
 use crate::state::AppState;
 
 /// Route label for requests that matched no route.
@@ -80,25 +82,43 @@ pub async fn run_in_own_task(
     crate::telemetry::set_parent_from_headers(&span, req.headers());
     let ids = crate::telemetry::span_ids(&span);
 
+    let culprit = state.monitor.as_ref().map(|_| {
+        Arc::new(Culprit {
+            route: name.clone(),
+            task: name.clone(),
+            trace_id: ids.as_ref().map(|(trace, _)| trace.clone()),
+            span_id: ids.as_ref().map(|(_, span)| span.clone()),
+        })
+    });
     let probe = Probe {
         stats: PollStats::new(),
         started: Instant::now(),
+        culprit: culprit.clone(),
     };
     req.extensions_mut().insert(probe.clone());
-    // Span outside, measurement inside: events the measuring wrapper emits
-    // (a long poll) land on the request's span.
-    let work = probe.stats.measure(next.run(req)).instrument(span.clone());
+    // Span outside, measurement inside: the event the measuring wrapper
+    // emits for a long poll lands on the request's span.
+    let mut work = probe.stats.measure(next.run(req));
+    if let Some(monitor) = &state.monitor {
+        work = work.report_polls_over(monitor.threshold);
+    }
+    let work = work.instrument(span.clone());
 
     state.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(&state);
     let mut response = match tokio::task::Builder::new().name(&name).spawn(work) {
-        Ok(handle) => match handle.await {
-            Ok(response) => response,
-            Err(join_error) => {
-                AppError::Internal(format!("request task for {name} failed: {join_error}"))
-                    .into_response()
+        Ok(handle) => {
+            // Named for the stall watcher from the moment it exists: should
+            // this task hold a worker too long, the stall names this route.
+            let _tracked = state.track(handle.id(), culprit);
+            match handle.await {
+                Ok(response) => response,
+                Err(join_error) => {
+                    AppError::Internal(format!("request task for {name} failed: {join_error}"))
+                        .into_response()
+                }
             }
-        },
+        }
         Err(spawn_error) => AppError::Internal(format!(
             "cannot spawn request task for {name}: {spawn_error}"
         ))

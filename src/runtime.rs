@@ -21,7 +21,14 @@ pub const APP_THREAD_PREFIX: &str = "app-rt";
 /// `Runtime::block_on` (here, the main thread). `multi_thread` gets
 /// `effective_workers()` threads plus the main thread blocked in `block_on`,
 /// which polls only the top-level future, never a request.
-pub fn build(config: &RuntimeConfig) -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// With `watch`, the stall watcher's poll hooks are installed: they record,
+/// per worker, which task is being polled and since when, and report every
+/// long poll (see [`crate::stall`]).
+pub fn build(
+    config: &RuntimeConfig,
+    watch: Option<crate::stall::Watch>,
+) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match config.flavor {
         Flavor::CurrentThread => {
             if config.worker_threads > 1 {
@@ -38,6 +45,9 @@ pub fn build(config: &RuntimeConfig) -> std::io::Result<tokio::runtime::Runtime>
             builder
         }
     };
+    if let Some(watch) = watch {
+        crate::stall::hooks::install(&mut builder, watch.monitor, watch.long_polls);
+    }
     let counter = AtomicUsize::new(0);
     builder
         .enable_all()

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -33,27 +34,64 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         announce("console", addr);
     }
 
+    let workers = config.runtime.effective_workers();
+    // The stall watcher exists before the runtime: its hooks are part of
+    // the runtime's construction.
+    let watch = if config.stall.watch {
+        Some(
+            crate::stall::start(workers, &config.stall, &config.admin.jaeger_ui_url)
+                .context("cannot start the stall watcher")?,
+        )
+    } else {
+        None
+    };
+    let monitor = watch.as_ref().map(|w| w.monitor.clone());
     let runtime =
-        crate::runtime::build(&config.runtime).context("cannot build the tokio runtime")?;
+        crate::runtime::build(&config.runtime, watch).context("cannot build the tokio runtime")?;
     tracing::info!(
         flavor = %config.runtime.flavor,
-        workers = config.runtime.effective_workers(),
+        workers,
         max_blocking_threads = config.runtime.max_blocking_threads,
-        "runtime: {} with {} worker thread(s), blocking pool up to {} threads",
+        "runtime: {} with {workers} worker thread(s), blocking pool up to {} threads",
         config.runtime.flavor,
-        config.runtime.effective_workers(),
         config.runtime.max_blocking_threads,
     );
+    match &monitor {
+        Some(m) => tracing::info!(
+            "stall watcher: on, a poll longer than {} ms is a stall (stall.threshold_ms)",
+            m.threshold.as_millis()
+        ),
+        None => tracing::info!("stall watcher: off (stall.watch = false)"),
+    }
+
+    // Bound before the runtime runs, so the admin server knows the app's
+    // address (port 0 included).
+    let listen = config.server.listen;
+    let app_listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    app_listener.set_nonblocking(true)?;
+    let addr = app_listener.local_addr()?;
+    let app_url = format!("http://{addr}");
+
+    let lag =
+        crate::admin::LagProbe::spawn(runtime.handle()).context("cannot spawn the lag probe")?;
+    let config = Arc::new(config);
+    let admin = crate::admin::start(crate::admin::AdminState {
+        monitor: monitor.clone(),
+        app: runtime.handle().clone(),
+        app_url: app_url.clone(),
+        lag,
+        busy: Arc::default(),
+        config: config.clone(),
+        workers,
+        http: reqwest::Client::builder().no_proxy().build()?,
+    })?;
+    announce("app", addr);
+    announce("admin", admin.addr);
 
     let result = runtime.block_on(async {
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (server.listen)", config.server.listen)
-            })?;
-        let addr = listener.local_addr()?;
-        announce("app", addr);
-        let state = AppState::new(&config, format!("http://{addr}"));
+        let listener = TcpListener::from_std(app_listener)?;
+        let state = AppState::new(&config, app_url, monitor);
         run(
             listener,
             state,
@@ -63,6 +101,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         .await
         .context("the application server failed")
     });
+    drop(admin);
     // Detached work (a fan-out job whose request was abandoned, a blocking
     // job still running) must not keep the process alive forever.
     runtime.shutdown_timeout(Duration::from_secs(1));

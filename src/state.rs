@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicUsize;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, Flavor, LimitsConfig};
+use crate::stall::{Culprit, Monitor};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -23,10 +24,39 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Requests currently being handled, for the shutdown log.
     pub in_flight: Arc<AtomicUsize>,
+    /// The stall watcher's shared state, when it runs: request tasks are
+    /// registered in it so a stall can name its culprit.
+    pub monitor: Option<Arc<Monitor>>,
+}
+
+/// Unregisters a task from the stall watcher's culprit registry on drop.
+pub struct Tracked {
+    monitor: Option<Arc<Monitor>>,
+    task: tokio::task::Id,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(monitor) = &self.monitor {
+            monitor.culprits.unregister(self.task);
+        }
+    }
 }
 
 impl AppState {
-    pub fn new(config: &Config, self_url: String) -> Self {
+    /// Names `task` as `culprit` for the stall watcher until the returned
+    /// guard is dropped.
+    pub fn track(&self, task: tokio::task::Id, culprit: Option<Arc<Culprit>>) -> Tracked {
+        if let (Some(monitor), Some(culprit)) = (&self.monitor, culprit) {
+            monitor.culprits.register(task, culprit);
+        }
+        Tracked {
+            monitor: self.monitor.clone(),
+            task,
+        }
+    }
+
+    pub fn new(config: &Config, self_url: String, monitor: Option<Arc<Monitor>>) -> Self {
         AppState {
             limits: config.limits.clone(),
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
@@ -40,6 +70,7 @@ impl AppState {
                 .build()
                 .expect("a plain HTTP client builds"),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            monitor,
         }
     }
 }

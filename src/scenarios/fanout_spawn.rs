@@ -54,6 +54,7 @@ pub async fn handler(
 
     let started = probe.started;
     let mut handles = Vec::with_capacity(n as usize);
+    let mut tracked = Vec::with_capacity(n as usize);
     for index in 0..n as usize {
         // Each job is a task of its own: the unit a scheduler can move to
         // another worker. The job itself never yields.
@@ -69,6 +70,15 @@ pub async fn handler(
                 )),
             )
             .map_err(|e| AppError::Internal(format!("cannot spawn job: {e}")))?;
+        // Each job holds its worker: name it for the stall watcher, as part
+        // of this request.
+        let culprit = probe.culprit.as_ref().map(|c| {
+            std::sync::Arc::new(crate::stall::Culprit {
+                task: JOB_TASK_NAME.to_owned(),
+                ..(**c).clone()
+            })
+        });
+        tracked.push(state.track(handle.id(), culprit));
         handles.push(handle);
     }
     let mut jobs = Vec::with_capacity(handles.len());

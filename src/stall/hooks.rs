@@ -25,8 +25,8 @@ pub struct LongPoll {
     pub task: u64,
     pub culprit: Option<Arc<Culprit>>,
     pub tid: u64,
-    /// The thread's CPU clock at the end of the poll.
-    pub cpu_end_ns: Option<u64>,
+    /// The thread's scheduler clocks at the end of the poll.
+    pub clock_end: Option<cpu::SchedClock>,
 }
 
 thread_local! {
@@ -35,14 +35,30 @@ thread_local! {
 }
 
 /// Installs the hooks on `builder`; long polls are sent to `long_polls`.
-pub fn install(builder: &mut tokio::runtime::Builder, monitor: Arc<Monitor>, long_polls: Sender<LongPoll>) {
+pub fn install(
+    builder: &mut tokio::runtime::Builder,
+    monitor: Arc<Monitor>,
+    long_polls: Sender<LongPoll>,
+) {
     let before = monitor.clone();
     builder.on_before_task_poll(move |meta| {
-        let Some(worker) = tokio::runtime::worker_index() else { return };
-        let Some(slot) = before.slots.get(worker) else { return };
+        let Some(worker) = tokio::runtime::worker_index() else {
+            return;
+        };
+        let Some(slot) = before.slots.get(worker) else {
+            return;
+        };
         if !TID_RECORDED.get() {
+            // Once per worker thread: its id and a first clock sample.
             if let Some(tid) = cpu::current_tid() {
-                slot.tid.store(tid, Ordering::Relaxed);
+                if let Some(clock) = cpu::thread_clock(tid) {
+                    slot.first_on_cpu.store(clock.on_cpu_ns, Ordering::Relaxed);
+                    slot.first_waiting
+                        .store(clock.waiting_ns, Ordering::Relaxed);
+                    slot.first_clock_at
+                        .store(before.now_ns(), Ordering::Relaxed);
+                }
+                slot.tid.store(tid, Ordering::Release);
             }
             TID_RECORDED.set(true);
         }
@@ -51,15 +67,20 @@ pub fn install(builder: &mut tokio::runtime::Builder, monitor: Arc<Monitor>, lon
         // `Monitor::current_poll`).
         slot.poll_seq.fetch_add(1, Ordering::AcqRel);
         slot.task.store(task_id(meta.id()), Ordering::Release);
-        slot.poll_started.store(before.now_ns() + 1, Ordering::Release);
+        slot.poll_started
+            .store(before.now_ns() + 1, Ordering::Release);
         slot.polls.fetch_add(1, Ordering::Relaxed);
     });
 
     let after = monitor;
     // `Sender` is `Send + Sync` (Rust ≥ 1.72), so the hook can own it.
     builder.on_after_task_poll(move |meta| {
-        let Some(worker) = tokio::runtime::worker_index() else { return };
-        let Some(slot) = after.slots.get(worker) else { return };
+        let Some(worker) = tokio::runtime::worker_index() else {
+            return;
+        };
+        let Some(slot) = after.slots.get(worker) else {
+            return;
+        };
         let started = slot.poll_started.swap(0, Ordering::AcqRel);
         if started == 0 {
             return;
@@ -80,7 +101,7 @@ pub fn install(builder: &mut tokio::runtime::Builder, monitor: Arc<Monitor>, lon
             task,
             culprit: after.culprits.get(task),
             tid,
-            cpu_end_ns: cpu::thread_cpu_ns(tid),
+            clock_end: cpu::thread_clock(tid),
         });
     });
 }

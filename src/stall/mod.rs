@@ -59,15 +59,25 @@ pub struct Culprits {
 
 impl Culprits {
     pub fn register(&self, task: tokio::task::Id, culprit: Arc<Culprit>) {
-        self.by_task.lock().expect("culprits lock").insert(task_id(task), culprit);
+        self.by_task
+            .lock()
+            .expect("culprits lock")
+            .insert(task_id(task), culprit);
     }
 
     pub fn unregister(&self, task: tokio::task::Id) {
-        self.by_task.lock().expect("culprits lock").remove(&task_id(task));
+        self.by_task
+            .lock()
+            .expect("culprits lock")
+            .remove(&task_id(task));
     }
 
     pub fn get(&self, task: u64) -> Option<Arc<Culprit>> {
-        self.by_task.lock().expect("culprits lock").get(&task).cloned()
+        self.by_task
+            .lock()
+            .expect("culprits lock")
+            .get(&task)
+            .cloned()
     }
 }
 
@@ -116,6 +126,12 @@ pub struct WorkerSlot {
     /// The OS thread id of this worker (for its CPU clock in /proc), 0 until
     /// its first poll.
     tid: AtomicU64,
+    /// The thread's scheduler clocks when its id was recorded, and when:
+    /// the watcher's first "before" sample, should the worker's very first
+    /// task be a stall.
+    first_clock_at: AtomicU64,
+    first_on_cpu: AtomicU64,
+    first_waiting: AtomicU64,
     /// Polls since start: for the dashboard's activity display.
     polls: AtomicU64,
 }
@@ -157,12 +173,41 @@ pub struct StallRecord {
     /// [`cpu`]), and the classification derived from it.
     pub on_cpu_ms: Option<f64>,
     /// `on-cpu` (computing), `off-cpu` (sleeping or waiting in a blocking
-    /// call) or `mixed`; `unknown` where the CPU clock is unavailable.
+    /// call), `preempted` (ready but denied a CPU by the OS: an overloaded
+    /// machine), `mixed`, or `unknown` where the clocks are unavailable.
     pub cpu: &'static str,
     pub culprit: Option<Culprit>,
     pub task_id: u64,
     /// Link to the culprit's trace, when there is one.
     pub jaeger_url: Option<String>,
+}
+
+/// What the runtime builder needs to install the poll hooks.
+pub struct Watch {
+    pub monitor: Arc<Monitor>,
+    pub long_polls: std::sync::mpsc::Sender<hooks::LongPoll>,
+}
+
+/// Creates the monitor, starts the watcher thread, and returns what the
+/// runtime builder needs. The watcher stops by itself once the runtime (and
+/// with it the hooks' sender) is dropped.
+pub fn start(
+    workers: usize,
+    config: &crate::config::StallConfig,
+    jaeger_ui_url: &str,
+) -> std::io::Result<Watch> {
+    let monitor = Monitor::new(
+        workers,
+        Duration::from_millis(config.threshold_ms),
+        config.history,
+        jaeger_ui_url,
+    );
+    let (long_polls, receiver) = std::sync::mpsc::channel();
+    watcher::spawn(monitor.clone(), receiver)?;
+    Ok(Watch {
+        monitor,
+        long_polls,
+    })
 }
 
 /// Everything the hooks, the watcher and the admin server share.
@@ -181,7 +226,12 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(workers: usize, threshold: Duration, history_len: usize, jaeger_ui_url: &str) -> Arc<Monitor> {
+    pub fn new(
+        workers: usize,
+        threshold: Duration,
+        history_len: usize,
+        jaeger_ui_url: &str,
+    ) -> Arc<Monitor> {
         let epoch_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0));
@@ -209,10 +259,6 @@ impl Monitor {
 
     fn ns_at(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn instant_at(&self, ns: u64) -> Instant {
-        self.epoch + Duration::from_nanos(ns)
     }
 
     /// Unix milliseconds of a monitor timestamp.
@@ -253,7 +299,11 @@ impl Monitor {
                         let elapsed = Duration::from_nanos(now.saturating_sub(started));
                         WorkerView {
                             index,
-                            state: if elapsed >= self.threshold { "stalled" } else { "polling" },
+                            state: if elapsed >= self.threshold {
+                                "stalled"
+                            } else {
+                                "polling"
+                            },
                             poll_elapsed_ms: Some(crate::measure::ms(elapsed)),
                             current: self.culprits.get(task).map(|c| (*c).clone()),
                             polls,

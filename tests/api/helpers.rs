@@ -40,6 +40,23 @@ pub struct TestApp {
 }
 
 impl TestApp {
+    /// URL of `path` on the admin server.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.listeners["admin"])
+    }
+
+    /// GET on the admin server, asserting 200, returning the JSON body.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let response = self
+            .client
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("admin answers");
+        assert_eq!(response.status(), 200, "admin GET {path}");
+        response.json().await.expect("JSON body")
+    }
+
     /// Base URL of the application server.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.listeners["app"])
@@ -112,6 +129,15 @@ impl Drop for TestApp {
     }
 }
 
+/// Serializes the timing-sensitive tests: each of them measures latencies
+/// or poll durations in tens of milliseconds, which a CPU-heavy test running
+/// alongside on a 2-core machine would distort (the OS preempting a worker
+/// mid-poll looks like a stall). Hold the guard for the whole test.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    EXCLUSIVE.lock().await
+}
+
 /// A client that does not reuse connections, so each request is accepted
 /// afresh (the probe tests want that).
 pub fn fresh_client() -> reqwest::Client {
@@ -137,6 +163,7 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
         // the telemetry tests override these.
         .env("STALL_LAB__TELEMETRY__OTLP", "false")
         .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
+        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0")
         .env_remove("RUST_LOG");
     for key in OTEL_ENV {
         command.env_remove(key);
@@ -174,7 +201,7 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
 
     let mut listeners = HashMap::new();
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while !listeners.contains_key("app") {
+    while !(listeners.contains_key("app") && listeners.contains_key("admin")) {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -185,7 +212,7 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
             }
             Err(_) => {
                 let status = child.try_wait().ok().flatten();
-                panic!("stall-lab did not print `listening: app` (exit status: {status:?})");
+                panic!("stall-lab did not print its `listening:` lines (exit status: {status:?})");
             }
         }
     }
@@ -205,7 +232,8 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .args(args)
         .stdin(Stdio::null())
         .env("STALL_LAB__TELEMETRY__OTLP", "false")
-        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0");
+        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
+        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0");
     for (key, value) in env {
         command.env(key, value);
     }

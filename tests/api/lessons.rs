@@ -20,6 +20,7 @@ async fn probe_during(app: &TestApp, path: &str, after: Duration) -> Duration {
 
 #[tokio::test]
 async fn current_thread_a_blocking_handler_stalls_everyone_a_cooperative_one_does_not() {
+    let _exclusive = crate::helpers::exclusive().await;
     let app = spawn_app(&["--flavor", "current_thread"], &[]);
     let blocked = probe_during(&app, "/block/sleep?ms=400", Duration::from_millis(50)).await;
     let cooperative = probe_during(&app, "/coop/sleep?ms=400", Duration::from_millis(50)).await;
@@ -35,6 +36,7 @@ async fn current_thread_a_blocking_handler_stalls_everyone_a_cooperative_one_doe
 
 #[tokio::test]
 async fn multi_thread_another_worker_answers_while_one_is_blocked() {
+    let _exclusive = crate::helpers::exclusive().await;
     let app = spawn_app(&["--flavor", "multi_thread", "--workers", "2"], &[]);
     let url = app.url("/block/sleep?ms=1500");
     let background =

@@ -11,4 +11,5 @@ mod lessons;
 mod otlp_support;
 mod scenarios;
 mod shutdown;
+mod stalls;
 mod telemetry;
