@@ -418,12 +418,13 @@ fn otlp_allowed(meta: &tracing::Metadata<'_>) -> bool {
 }
 
 /// Threads whose tokio tasks are plumbing, not the app: reqwest's blocking
-/// client runs a private runtime on this thread. Keeping them out of
-/// tokio-console keeps the task list about the app.
+/// client runs a private runtime on its thread, and the admin server runs
+/// its own runtime on `admin`. Keeping them out of tokio-console keeps the
+/// task list about the application runtime.
 fn console_thread_allowed() -> bool {
     !std::thread::current()
         .name()
-        .is_some_and(|n| n.starts_with("reqwest-internal"))
+        .is_some_and(|n| n.starts_with("reqwest-internal") || n == crate::admin::THREAD_NAME)
 }
 
 /// The internal-logs feature of opentelemetry/opentelemetry_sdk is ON in this
