@@ -95,19 +95,31 @@ pub struct Job {
     pub thread: String,
     pub start_ms: f64,
     pub end_ms: f64,
-    /// Time the job spent on a thread: CPU work for CPU jobs, about 0 for
-    /// timer waits.
+    /// Time the job held its thread: the CPU loop's duration for CPU jobs,
+    /// about 0 for timer waits.
     pub busy_ms: f64,
+    /// Of that, the time the thread actually ran on a CPU, from the kernel's
+    /// clock for the thread. The CPU loop runs for a *wall-clock* duration,
+    /// so when more threads burn than there are cores, each is on a CPU for
+    /// only part of it: `cpu_ms` < `busy_ms`. (CPU jobs only.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
 }
 
 impl Job {
     /// Runs `ms` of CPU work on the calling thread and records it as job
     /// `index` of a request that started at `request_started`.
     pub fn cpu(index: usize, ms: u64, request_started: Instant) -> Job {
+        let clock = || crate::stall::cpu::current_tid().and_then(crate::stall::cpu::thread_clock);
+        let clock_before = clock();
         let start = Instant::now();
         crate::cpu::burn(std::time::Duration::from_millis(ms));
         let end = Instant::now();
-        Job::record(index, request_started, start, end, end - start)
+        let mut job = Job::record(index, request_started, start, end, end - start);
+        job.cpu_ms = clock_before
+            .zip(clock())
+            .map(|(before, after)| self::ms(Duration::from_nanos(after.since(before).on_cpu_ns)));
+        job
     }
 
     /// A job that ran from `start` to `end` on the calling thread, busy for
@@ -129,15 +141,18 @@ impl Job {
             start_ms: ms(start.saturating_duration_since(request_started)),
             end_ms: ms(end.saturating_duration_since(request_started)),
             busy_ms: ms(busy),
+            cpu_ms: None,
         }
     }
 }
 
-/// How many jobs ran at once on average: the sum of their busy time over the
-/// wall time of the whole batch. 1.0 is one-at-a-time; 2.0 is two threads
-/// working all along.
+/// How many jobs really ran at once, on average: the sum of their CPU time
+/// (busy time where the CPU clock is unknown) over the wall time of the
+/// whole batch. 1.0 is one at a time; 2.0 is two cores working all along.
+/// Threads beyond the core count add concurrency, not parallelism: eight
+/// jobs on eight blocking threads of a 2-core machine still make about 2.0.
 pub fn parallelism(jobs: &[Job]) -> f64 {
-    let busy: f64 = jobs.iter().map(|j| j.busy_ms).sum();
+    let busy: f64 = jobs.iter().map(|j| j.cpu_ms.unwrap_or(j.busy_ms)).sum();
     let start = jobs
         .iter()
         .map(|j| j.start_ms)
