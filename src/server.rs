@@ -39,7 +39,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     // the runtime's construction.
     let watch = if config.stall.watch {
         Some(
-            crate::stall::start(workers, &config.stall, &config.admin.jaeger_ui_url)
+            crate::stall::start(workers, &config.stall, jaeger_ui_url(&config))
                 .context("cannot start the stall watcher")?,
         )
     } else {
@@ -122,6 +122,15 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+/// Base URL for trace links, or none when traces are not exported: a link to
+/// a trace that was never sent would only confuse.
+fn jaeger_ui_url(config: &crate::config::Config) -> Option<&str> {
+    config
+        .telemetry
+        .otlp
+        .then_some(config.admin.jaeger_ui_url.as_str())
 }
 
 /// How long shutdown waits for the last spans to reach the collector. With

@@ -1,12 +1,21 @@
 //! The lag probe: one small task on the application runtime that asks for a
 //! timer every [`PERIOD`] and records how late it was polled.
 //!
-//! Lateness is the runtime's *scheduling delay* as any task feels it: about
-//! a millisecond (timer granularity) when a worker is free, the rest of a
-//! stall when none is. Like any task-based probe it sees only what the whole
-//! runtime suffers: with one worker of two blocked, another worker runs the
-//! probe on time. That is why stalls are detected per worker by the stall
-//! watcher, and this probe only draws the lag chart.
+//! Lateness is the runtime's *scheduling delay* as a timer-driven task feels
+//! it: about a millisecond (timer granularity) when a worker is free, the
+//! rest of a stall when none is. A task-based probe cannot say *which*
+//! worker is stuck, so stalls are detected per worker by the stall watcher,
+//! and this probe only draws the lag chart.
+//!
+//! It also shows something surprising. With one worker of two blocked and
+//! the other idle, the probe is often late by the whole stall anyway (we see
+//! it most times a stall is fired from the dashboard). A multi-thread
+//! runtime's timers and IO events are processed by whichever worker parks
+//! *on the driver*; the other idle workers sleep on a condition variable
+//! until something notifies them. When the worker that was driving picks up
+//! the blocking task, nothing may wake an idle one to take over the driver,
+//! so timers fire late although a worker is free. A blocked worker can delay
+//! more than its own queue.
 //!
 //! When the runtime is completely stuck the probe cannot report at all; the
 //! admin server notices that its last report is overdue and shows the probe

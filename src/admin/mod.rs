@@ -163,7 +163,8 @@ async fn info(axum::extract::State(state): axum::extract::State<AdminState>) -> 
     let c = &state.config;
     no_store(Json(json!({
         "app_url": state.app_url,
-        "jaeger_ui_url": c.admin.jaeger_ui_url,
+        // null when traces are not exported: no links to traces that do not exist.
+        "jaeger_ui_url": c.telemetry.otlp.then_some(&c.admin.jaeger_ui_url),
         "flavor": c.runtime.flavor,
         "workers": state.workers,
         "max_blocking_threads": c.runtime.max_blocking_threads,

@@ -194,7 +194,7 @@ pub struct Watch {
 pub fn start(
     workers: usize,
     config: &crate::config::StallConfig,
-    jaeger_ui_url: &str,
+    jaeger_ui_url: Option<&str>,
 ) -> std::io::Result<Watch> {
     let monitor = Monitor::new(
         workers,
@@ -221,8 +221,9 @@ pub struct Monitor {
     history: Mutex<VecDeque<StallRecord>>,
     history_len: usize,
     total: AtomicU64,
-    /// Base URL of the Jaeger UI, for `jaeger_url` links.
-    jaeger_ui_url: String,
+    /// Base URL of the Jaeger UI, for `jaeger_url` links (none when traces
+    /// are not exported).
+    jaeger_ui_url: Option<String>,
 }
 
 impl Monitor {
@@ -230,7 +231,7 @@ impl Monitor {
         workers: usize,
         threshold: Duration,
         history_len: usize,
-        jaeger_ui_url: &str,
+        jaeger_ui_url: Option<&str>,
     ) -> Arc<Monitor> {
         let epoch_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -244,7 +245,7 @@ impl Monitor {
             history: Mutex::new(VecDeque::with_capacity(history_len)),
             history_len,
             total: AtomicU64::new(0),
-            jaeger_ui_url: jaeger_ui_url.trim_end_matches('/').to_owned(),
+            jaeger_ui_url: jaeger_ui_url.map(|url| url.trim_end_matches('/').to_owned()),
         })
     }
 
@@ -349,7 +350,8 @@ impl Monitor {
             .culprit
             .as_ref()
             .and_then(|c| c.trace_id.as_ref())
-            .map(|trace| format!("{}/trace/{trace}", self.jaeger_ui_url));
+            .zip(self.jaeger_ui_url.as_ref())
+            .map(|(trace, base)| format!("{base}/trace/{trace}"));
         let mut history = self.history.lock().expect("history lock");
         if history.len() == self.history_len {
             history.pop_front();
