@@ -37,7 +37,23 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// Shown at the end of `stall-lab serve --help`.
+const SERVE_ENVIRONMENT: &str = "\
+Configuration layers, each overriding the one before: the built-in config/default.toml,
+--config FILE, environment variables STALL_LAB__SECTION__KEY (e.g.
+STALL_LAB__RUNTIME__FLAVOR=current_thread), then these flags.
+
+Also honoured, as their own ecosystems define them:
+  OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL,
+  OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*,
+  TOKIO_CONSOLE_BIND, TOKIO_CONSOLE_RETENTION, TOKIO_CONSOLE_PUBLISH_INTERVAL, RUST_LOG
+
+Listeners (all loopback by default): app 127.0.0.1:3000, admin 127.0.0.1:3001,
+console 127.0.0.1:6669. On start, one `listening: NAME http://ADDR` line each on stdout.
+Exit codes: 0 after a clean shutdown, 1 on a runtime error, 2 on bad flags or configuration.";
+
 #[derive(Debug, Clone, Args)]
+#[command(after_long_help = SERVE_ENVIRONMENT)]
 pub struct ServeArgs {
     /// A TOML file overriding the built-in configuration (any subset of the
     /// keys in config/default.toml).
