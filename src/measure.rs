@@ -18,7 +18,6 @@
 //!
 //! The figures are measured, never the requested `ms` echoed back.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +57,24 @@ struct State {
     /// Start of the poll in progress, if any: a handler reading its own
     /// statistics does so from inside its last poll.
     in_poll_since: Option<Instant>,
-    places: BTreeSet<String>,
+    /// Bit N set: worker N polled the future (workers past 63 share bit 63).
+    /// A bitmask, not a set of names: this is updated on every poll.
+    workers: u64,
+    /// Polled outside any worker (a blocking-pool thread).
+    off_worker: bool,
+}
+
+impl State {
+    fn places(&self) -> Vec<String> {
+        let mut places: Vec<String> = (0..64)
+            .filter(|bit| self.workers & (1 << bit) != 0)
+            .map(|bit| format!("worker {bit}"))
+            .collect();
+        if self.off_worker {
+            places.push(crate::runtime::BLOCKING_POOL.to_owned());
+        }
+        places
+    }
 }
 
 /// A point-in-time copy of [`PollStats`], in milliseconds, as the scenarios
@@ -112,7 +128,7 @@ impl PollStats {
             busy_ms: ms(busy),
             longest_poll_ms: ms(longest),
             sched_delay_ms: ms(state.sched_delay),
-            workers: state.places.iter().cloned().collect(),
+            workers: state.places(),
         }
     }
 
@@ -149,15 +165,17 @@ pub struct Measured<F> {
     /// usually polled with the same waker, so the wrapper is built once, not
     /// on every poll.
     waker_cache: Option<(Waker, Waker)>,
-    /// Polls at least this long emit an event ("held worker 1 for 203 ms
-    /// without yielding") on the current span: the request's server span.
-    long_poll: Option<Duration>,
+    /// Polls at least this long emit an event ("GET /block/sleep held
+    /// worker 1 for 203 ms without yielding") on the current span: the
+    /// request's server span.
+    long_poll: Option<(Duration, std::sync::Arc<str>)>,
 }
 
 impl<F> Measured<F> {
-    /// Emits an event for every poll of at least `threshold`.
-    pub fn report_polls_over(mut self, threshold: Duration) -> Self {
-        self.long_poll = Some(threshold);
+    /// Emits an event for every poll of at least `threshold`, naming the
+    /// future `label` (e.g. `GET /block/sleep`).
+    pub fn report_polls_over(mut self, threshold: Duration, label: std::sync::Arc<str>) -> Self {
+        self.long_poll = Some((threshold, label));
         self
     }
 }
@@ -177,7 +195,10 @@ impl<F: Future> Future for Measured<F> {
             }
             state.polls += 1;
             state.in_poll_since = Some(start);
-            state.places.insert(crate::runtime::current_place());
+            match tokio::runtime::worker_index() {
+                Some(index) => state.workers |= 1 << index.min(63),
+                None => state.off_worker = true,
+            }
         }
 
         let waker = match &this.waker_cache {
@@ -200,10 +221,15 @@ impl<F: Future> Future for Measured<F> {
             state.longest = state.longest.max(took);
             state.in_poll_since = None;
         }
-        if this.long_poll.is_some_and(|threshold| took >= threshold) {
+        if let Some((threshold, label)) = &this.long_poll
+            && took >= *threshold
+        {
             let place = crate::runtime::current_place();
+            // The message starts with "held …" (the span event's name in
+            // Jaeger); the label field says who, for the logs.
             tracing::warn!(
                 poll_ms = ms(took),
+                task = &**label,
                 "held {place} for {:.0} ms without yielding",
                 took.as_secs_f64() * 1000.0
             );

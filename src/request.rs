@@ -24,7 +24,6 @@
 //! request was slow: `busy_ms` ≈ `wall_ms` means it held a worker;
 //! a large `sched_delay_ms` means it waited for one.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -38,7 +37,6 @@ use tracing::field::Empty;
 use crate::error::AppError;
 use crate::measure::PollStats;
 use crate::report::Probe;
-use crate::stall::Culprit;
 use crate::state::AppState;
 
 /// Route label for requests that matched no route.
@@ -60,7 +58,7 @@ pub async fn run_in_own_task(
         .get::<MatchedPath>()
         .map_or(UNMATCHED, |m| m.as_str())
         .to_owned();
-    let name = task_name(req.method(), &route);
+    let name = state.task_name(req.method(), &route);
 
     let span = tracing::info_span!(
         "request",
@@ -82,14 +80,10 @@ pub async fn run_in_own_task(
     crate::telemetry::set_parent_from_headers(&span, req.headers());
     let ids = crate::telemetry::span_ids(&span);
 
-    let culprit = state.monitor.as_ref().map(|_| {
-        Arc::new(Culprit {
-            route: name.clone(),
-            task: name.clone(),
-            trace_id: ids.as_ref().map(|(trace, _)| trace.clone()),
-            span_id: ids.as_ref().map(|(_, span)| span.clone()),
-        })
-    });
+    let culprit = state
+        .monitor
+        .as_ref()
+        .map(|_| state.culprit(&name, &route, ids.as_ref()));
     let probe = Probe {
         stats: PollStats::new(),
         started: Instant::now(),
@@ -100,7 +94,7 @@ pub async fn run_in_own_task(
     // emits for a long poll lands on the request's span.
     let mut work = probe.stats.measure(next.run(req));
     if let Some(monitor) = &state.monitor {
-        work = work.report_polls_over(monitor.threshold);
+        work = work.report_polls_over(monitor.threshold, name.clone());
     }
     let work = work.instrument(span.clone());
 

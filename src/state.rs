@@ -1,6 +1,7 @@
 //! What every handler can reach: the limits, the stall budget, and the
 //! facts about the runtime it runs on.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -27,6 +28,18 @@ pub struct AppState {
     /// The stall watcher's shared state, when it runs: request tasks are
     /// registered in it so a stall can name its culprit.
     pub monitor: Option<Arc<Monitor>>,
+    /// `GET /route` for every scenario route, made once: a request's task
+    /// name and culprit share these instead of formatting and allocating
+    /// them per request.
+    names: Arc<HashMap<&'static str, RouteNames>>,
+}
+
+/// The names of one route, made once at startup.
+struct RouteNames {
+    task: Arc<str>,
+    /// The culprit of a request without a trace (OTLP off): the same for
+    /// every request of the route.
+    untraced: Arc<Culprit>,
 }
 
 /// Unregisters a task from the stall watcher's culprit registry on drop.
@@ -56,7 +69,48 @@ impl AppState {
         }
     }
 
+    /// The task name of a request: `GET /block/sleep`.
+    pub fn task_name(&self, method: &axum::http::Method, route: &str) -> Arc<str> {
+        match self.names.get(route) {
+            Some(names) if method == axum::http::Method::GET => names.task.clone(),
+            _ => Arc::from(crate::request::task_name(method, route)),
+        }
+    }
+
+    /// Who a request is, for the stall watcher: shared per route unless the
+    /// request has its own trace ids.
+    pub fn culprit(
+        &self,
+        task: &Arc<str>,
+        route: &str,
+        ids: Option<&(String, String)>,
+    ) -> Arc<Culprit> {
+        match (ids, self.names.get(route)) {
+            (None, Some(names)) if Arc::ptr_eq(task, &names.task) => names.untraced.clone(),
+            _ => Arc::new(Culprit {
+                route: task.clone(),
+                task: task.clone(),
+                trace_id: ids.map(|(trace, _)| trace.clone()),
+                span_id: ids.map(|(_, span)| span.clone()),
+            }),
+        }
+    }
+
     pub fn new(config: &Config, self_url: String, monitor: Option<Arc<Monitor>>) -> Self {
+        let names = crate::scenarios::ALL
+            .iter()
+            .map(|s| {
+                let task: Arc<str> =
+                    Arc::from(crate::request::task_name(&axum::http::Method::GET, s.route));
+                let untraced = Arc::new(Culprit {
+                    route: task.clone(),
+                    task: task.clone(),
+                    trace_id: None,
+                    span_id: None,
+                });
+                (s.route, RouteNames { task, untraced })
+            })
+            .collect();
         AppState {
             limits: config.limits.clone(),
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
@@ -71,6 +125,7 @@ impl AppState {
                 .expect("a plain HTTP client builds"),
             in_flight: Arc::new(AtomicUsize::new(0)),
             monitor,
+            names: Arc::new(names),
         }
     }
 }

@@ -22,9 +22,12 @@
 //! * The tokio-console gRPC server is run by us on a listener *we* bind, on its
 //!   own `console-server` thread + runtime, so a busy port is an `Err` from
 //!   [`init`] instead of a panic in a background thread, and port 0 works.
-//! * The OpenTelemetry layer is installed even when OTLP export is off (with a
-//!   provider that has no exporter), so trace ids and W3C `traceparent`
-//!   propagation keep working without a collector.
+//! * With OTLP export off there is no OpenTelemetry layer at all: telemetry
+//!   off means no per-request tracing cost (and no trace ids).
+//! * Every filter is static (per callsite). A per-thread dynamic filter would
+//!   make every callsite "sometimes" interesting and cost on every disabled
+//!   `trace!` in the process; side threads that must stay quiet install
+//!   [`side_thread_subscriber`] instead.
 //! * [`Telemetry::shutdown`] is bounded: it never waits longer than its timeout
 //!   (plus a small margin), even when the collector is gone.
 
@@ -417,14 +420,20 @@ fn otlp_allowed(meta: &tracing::Metadata<'_>) -> bool {
     !meta.name().starts_with("runtime.") && !OTLP_DENY_CRATES.contains(&krate)
 }
 
-/// Threads whose tokio tasks are plumbing, not the app: reqwest's blocking
-/// client runs a private runtime on its thread, and the admin server runs
-/// its own runtime on `admin`. Keeping them out of tokio-console keeps the
-/// task list about the application runtime.
-fn console_thread_allowed() -> bool {
-    !std::thread::current()
-        .name()
-        .is_some_and(|n| n.starts_with("reqwest-internal") || n == crate::admin::THREAD_NAME)
+/// A subscriber for side threads whose tokio tasks are plumbing, not the
+/// application (the admin server's runtime): logs only, so their tasks stay
+/// out of tokio-console and their spans out of Jaeger. Install it on the
+/// thread with `tracing::subscriber::set_default`.
+pub fn side_thread_subscriber() -> impl tracing::Subscriber + Send + Sync {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(fmt_filter_string(&v)).ok())
+        .unwrap_or_else(|| EnvFilter::new(fmt_filter_string("info")));
+    tracing_subscriber::registry().with(
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter.and(filter::filter_fn(|meta| meta.is_event()))),
+    )
 }
 
 /// The internal-logs feature of opentelemetry/opentelemetry_sdk is ON in this
@@ -894,8 +903,7 @@ pub fn init_with_env(
         ));
     } else {
         lines.push(
-            "traces: OTLP export off (telemetry.otlp = false); trace ids and traceparent still work"
-                .into(),
+            "traces: OTLP export off (telemetry.otlp = false): no spans, no trace ids".into(),
         );
     }
     let provider = builder.build();
@@ -906,20 +914,30 @@ pub fn init_with_env(
         Some((layer, server)) => (Some(layer), Some(server)),
         None => (None, None),
     };
-    let console_filter = EnvFilter::new("tokio=trace,runtime=trace").and(
-        filter::dynamic_filter_fn(|_, _| console_thread_allowed())
-            // Thread-dependent: must be asked every time, not cached per callsite.
-            .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes()),
-    );
+    // Static filters only. A filter that answers differently per thread (to
+    // hide some threads' tasks from the console) makes every callsite in the
+    // process "sometimes" interesting, so every disabled `trace!` in hyper or
+    // tokio gets evaluated on every call: measured at several times the
+    // per-request cost. Side threads that must stay out of the console
+    // install `side_thread_subscriber()` instead.
+    let console_filter = EnvFilter::new("tokio=trace,runtime=trace");
     let otel_filter = filter::filter_fn(otlp_allowed).and(otlp_level);
+    // The fmt layer logs events only: recording every request span's fields
+    // for log context would cost formatting on every request. Events that
+    // matter name their request themselves.
+    let fmt_filter = fmt_filter.and(filter::filter_fn(|meta| meta.is_event()));
+
+    // With export off there is no OpenTelemetry layer at all, so telemetry
+    // off costs nothing per request; the price is no trace ids.
+    let otel_layer = cfg.otlp.then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(otel_filter)
+    });
 
     tracing_subscriber::registry()
         .with(console_layer.map(|l| l.with_filter(console_filter)))
-        .with(
-            tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(otel_filter),
-        )
+        .with(otel_layer)
         .with(
             // Logs on stderr; stdout carries only the `listening:` lines.
             tracing_subscriber::fmt::layer()
@@ -1021,7 +1039,7 @@ impl Telemetry {
 
 /// Hex trace id of the current `tracing` span, if it is an OpenTelemetry span.
 ///
-/// Works with OTLP off too (the OpenTelemetry layer is always installed). It
+/// `None` with OTLP off (there is no OpenTelemetry layer then). It
 /// is `None` outside any span, and for spans the OTLP filter rejects
 /// (below INFO, or tokio/exporter targets): those never become OTel spans.
 pub fn current_trace_id() -> Option<String> {

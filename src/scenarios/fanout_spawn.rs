@@ -74,7 +74,7 @@ pub async fn handler(
         // of this request.
         let culprit = probe.culprit.as_ref().map(|c| {
             std::sync::Arc::new(crate::stall::Culprit {
-                task: JOB_TASK_NAME.to_owned(),
+                task: std::sync::Arc::from(JOB_TASK_NAME),
                 ..(**c).clone()
             })
         });

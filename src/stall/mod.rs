@@ -37,10 +37,11 @@ use serde::Serialize;
 /// Who a task is: what the stall watcher reports as the culprit.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Culprit {
-    /// `GET /block/sleep`: method and route template.
-    pub route: String,
+    /// `GET /block/sleep`: method and route template. Shared, not copied:
+    /// a culprit is made for every request.
+    pub route: Arc<str>,
     /// The task's name in tokio-console.
-    pub task: String,
+    pub task: Arc<str>,
     /// Hex trace id of the request, when tracing is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,

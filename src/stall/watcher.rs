@@ -189,7 +189,7 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         record
             .culprit
             .as_ref()
-            .map_or("an unnamed task", |c| c.route.as_str())
+            .map_or("an unnamed task", |c| &*c.route)
     );
     export_span(monitor, &record, &long_poll);
 }
