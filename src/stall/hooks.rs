@@ -64,12 +64,13 @@ pub fn install(
         }
         // Sequence first, then the fields, start last with Release: a reader
         // that sees the new start also sees the new task (see
-        // `Monitor::current_poll`).
-        slot.poll_seq.fetch_add(1, Ordering::AcqRel);
+        // `Monitor::current_poll`). Only this worker ever writes its slot, so
+        // the counters are a load and a store, not a locked read-modify-write.
+        slot.poll_seq
+            .store(slot.poll_seq.load(Ordering::Relaxed) + 1, Ordering::Release);
         slot.task.store(task_id(meta.id()), Ordering::Release);
         slot.poll_started
             .store(before.now_ns() + 1, Ordering::Release);
-        slot.polls.fetch_add(1, Ordering::Relaxed);
     });
 
     let after = monitor;
@@ -81,7 +82,8 @@ pub fn install(
         let Some(slot) = after.slots.get(worker) else {
             return;
         };
-        let started = slot.poll_started.swap(0, Ordering::AcqRel);
+        let started = slot.poll_started.load(Ordering::Relaxed);
+        slot.poll_started.store(0, Ordering::Release);
         if started == 0 {
             return;
         }

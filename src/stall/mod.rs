@@ -133,8 +133,6 @@ pub struct WorkerSlot {
     first_clock_at: AtomicU64,
     first_on_cpu: AtomicU64,
     first_waiting: AtomicU64,
-    /// Polls since start: for the dashboard's activity display.
-    polls: AtomicU64,
 }
 
 /// The state of one worker as reported by `/debug/runtime`.
@@ -148,7 +146,6 @@ pub struct WorkerView {
     pub poll_elapsed_ms: Option<f64>,
     /// Who is being polled, when it is a named task.
     pub current: Option<Culprit>,
-    pub polls: u64,
 }
 
 /// A stall in progress, as reported by `/debug/stalls`.
@@ -287,29 +284,24 @@ impl Monitor {
     pub fn worker_views(&self) -> Vec<WorkerView> {
         let now = self.now_ns();
         (0..self.slots.len())
-            .map(|index| {
-                let polls = self.slots[index].polls.load(Ordering::Relaxed);
-                match self.current_poll(index) {
-                    None => WorkerView {
+            .map(|index| match self.current_poll(index) {
+                None => WorkerView {
+                    index,
+                    state: "idle",
+                    poll_elapsed_ms: None,
+                    current: None,
+                },
+                Some((_, started, task)) => {
+                    let elapsed = Duration::from_nanos(now.saturating_sub(started));
+                    WorkerView {
                         index,
-                        state: "idle",
-                        poll_elapsed_ms: None,
-                        current: None,
-                        polls,
-                    },
-                    Some((_, started, task)) => {
-                        let elapsed = Duration::from_nanos(now.saturating_sub(started));
-                        WorkerView {
-                            index,
-                            state: if elapsed >= self.threshold {
-                                "stalled"
-                            } else {
-                                "polling"
-                            },
-                            poll_elapsed_ms: Some(crate::measure::ms(elapsed)),
-                            current: self.culprits.get(task).map(|c| (*c).clone()),
-                            polls,
-                        }
+                        state: if elapsed >= self.threshold {
+                            "stalled"
+                        } else {
+                            "polling"
+                        },
+                        poll_elapsed_ms: Some(crate::measure::ms(elapsed)),
+                        current: self.culprits.get(task).map(|c| (*c).clone()),
                     }
                 }
             })
