@@ -72,8 +72,8 @@ pub struct ServeArgs {
     /// (runtime.worker_threads).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-    /// Do not export traces over OTLP (telemetry.otlp = false). Trace ids and
-    /// traceparent propagation keep working.
+    /// Do not export traces over OTLP (telemetry.otlp = false). No spans are
+    /// made at all then, so answers carry no trace id.
     #[arg(long)]
     pub no_otlp: bool,
     /// Do not serve tokio-console (telemetry.console = false).

@@ -102,8 +102,8 @@ pub struct TelemetryConfig {
     /// Filter for what becomes an OTLP span (on top of the fixed deny-list of
     /// tokio/exporter targets). App spans are at INFO.
     pub otlp_filter: String,
-    /// Export spans over OTLP. When false the OpenTelemetry layer still runs
-    /// (trace ids, propagation) but nothing is exported.
+    /// Export spans over OTLP. When false there is no OpenTelemetry layer:
+    /// no spans, no trace ids, no cost.
     pub otlp: bool,
     /// Base URL of the collector, e.g. `http://localhost:4318` (http) or
     /// `http://localhost:4317` (grpc).
