@@ -11,6 +11,8 @@
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`app`]: the router, fallbacks and middleware.
 //! - [`request`]: runs every request in its own named, measured task.
+//! - [`arrival`]: a listener whose connections keep the kernel's receive
+//!   timestamp, so a request knows how long it waited to be read.
 //! - [`measure`]: poll statistics of a future (polls, busy, longest poll,
 //!   scheduling delay, workers).
 //! - [`report`]: the JSON answer every scenario gives.
@@ -25,6 +27,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod arrival;
 pub mod budget;
 pub mod cli;
 pub mod config;

@@ -44,6 +44,8 @@ struct Shared {
     /// blocking pool, another worker), hence an atomic and not the mutex.
     woken_at: AtomicU64,
     state: Mutex<State>,
+    /// Set once, before the first poll: see [`Snapshot::queued_ms`].
+    queued: std::sync::OnceLock<Duration>,
 }
 
 const NOT_WOKEN: u64 = u64::MAX;
@@ -86,6 +88,11 @@ pub struct Snapshot {
     pub busy_ms: f64,
     pub longest_poll_ms: f64,
     pub sched_delay_ms: f64,
+    /// How long the request's bytes waited in the socket before its handler
+    /// started: the kernel's receive timestamp to the request task's birth
+    /// (see [`crate::arrival`]). Absent where the kernel gives no timestamp.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<f64>,
     /// `"worker N"` for each application worker that polled the future, or
     /// `"blocking pool"`.
     pub workers: Vec<String>,
@@ -106,6 +113,7 @@ impl PollStats {
                 created: Instant::now(),
                 woken_at: AtomicU64::new(0),
                 state: Mutex::new(State::default()),
+                queued: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -128,8 +136,15 @@ impl PollStats {
             busy_ms: ms(busy),
             longest_poll_ms: ms(longest),
             sched_delay_ms: ms(state.sched_delay),
+            queued_ms: self.inner.queued.get().copied().map(ms),
             workers: state.places(),
         }
+    }
+
+    /// Records how long the request waited to be read (once; later calls
+    /// are ignored).
+    pub fn set_queued(&self, queued: Duration) {
+        let _ = self.inner.queued.set(queued);
     }
 
     /// Wraps `future` so that its polls are recorded here.

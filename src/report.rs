@@ -39,8 +39,17 @@ impl Report {
         scenario: &crate::scenarios::Scenario,
         params: serde_json::Value,
         stats: Snapshot,
-        verdict: String,
+        mut verdict: String,
     ) -> Report {
+        // The victim's side of a stall: it could not even be read.
+        if let Some(queued) = stats.queued_ms
+            && queued >= crate::scenarios::HOLD_MS
+        {
+            verdict.push_str(&format!(
+                "; before that it waited {} to be read, while no worker was free",
+                fmt_ms(queued)
+            ));
+        }
         Report {
             scenario: scenario.route,
             params,

@@ -27,13 +27,14 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::arrival::Arrival;
 use crate::error::AppError;
 use crate::measure::PollStats;
 use crate::report::Probe;
@@ -74,6 +75,7 @@ pub async fn run_in_own_task(
         busy_ms = Empty,
         longest_poll_ms = Empty,
         sched_delay_ms = Empty,
+        queued_ms = Empty,
         workers = Empty,
     );
     // Before the span is first entered: afterwards its parent is fixed.
@@ -84,8 +86,18 @@ pub async fn run_in_own_task(
         .monitor
         .as_ref()
         .map(|_| state.culprit(&name, &route, ids.as_ref()));
+    let stats = PollStats::new();
+    // The kernel stamped the request's bytes when they reached the socket;
+    // it is now fully read, so their age is how long it waited to be read.
+    if let Some(age) = req
+        .extensions()
+        .get::<ConnectInfo<Arrival>>()
+        .and_then(|info| info.0.age())
+    {
+        stats.set_queued(age);
+    }
     let probe = Probe {
-        stats: PollStats::new(),
+        stats,
         started: Instant::now(),
         culprit: culprit.clone(),
     };
@@ -130,6 +142,9 @@ pub async fn run_in_own_task(
     span.record("busy_ms", stats.busy_ms);
     span.record("longest_poll_ms", stats.longest_poll_ms);
     span.record("sched_delay_ms", stats.sched_delay_ms);
+    if let Some(queued) = stats.queued_ms {
+        span.record("queued_ms", queued);
+    }
     span.record("workers", stats.workers.join(", "));
 
     // W3C Trace Context level 2: tells the client which trace to look up.

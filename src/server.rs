@@ -157,7 +157,9 @@ pub async fn run(
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let in_flight = state.in_flight.clone();
     let in_flight_at_start = in_flight.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let listener = crate::arrival::ArrivalListener::new(listener);
+    let app = app(state).into_make_service_with_connect_info::<crate::arrival::Arrival>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
     });

@@ -8,8 +8,10 @@
 //! It is the victim, never the culprit.
 //!
 //! **What you will see.**
-//! - JSON: `wall_ms` and `busy_ms` of a few microseconds; `sched_delay_ms`
-//!   shows how long it waited for a worker once it was ready.
+//! - JSON: `wall_ms` and `busy_ms` of a few microseconds; `queued_ms` shows
+//!   how long its bytes sat in the socket before any worker could read them
+//!   (the whole stall, on a blocked `current_thread` runtime), and
+//!   `sched_delay_ms` how long its task then waited for a worker.
 //! - tokio-console: short-lived `GET /healthz` tasks.
 
 use axum::extract::State;
@@ -37,10 +39,18 @@ pub async fn handler(
 ) -> Result<Report, AppError> {
     params.only(SCENARIO.params)?;
     let stats = probe.stats.snapshot();
-    let verdict = format!(
-        "healthy: answered in {} after waiting {} for a worker",
-        fmt_ms(stats.wall_ms),
-        fmt_ms(stats.sched_delay_ms)
-    );
+    let queued = stats.queued_ms.unwrap_or(0.0);
+    let verdict = if queued >= super::HOLD_MS {
+        format!(
+            "a victim: answered in {} once it ran",
+            fmt_ms(stats.wall_ms)
+        )
+    } else {
+        format!(
+            "healthy: answered in {} after waiting {} for a worker",
+            fmt_ms(stats.wall_ms),
+            fmt_ms(stats.sched_delay_ms + queued)
+        )
+    };
     Ok(Report::new(&SCENARIO, json!({}), stats, verdict))
 }

@@ -60,11 +60,18 @@ pub fn classify(used: Option<SchedClock>, window_ns: u64) -> &'static str {
     }
     let on = used.on_cpu_ns as f64 / window_ns as f64;
     let waiting = used.waiting_ns as f64 / window_ns as f64;
-    if on >= 0.7 {
-        "on-cpu"
-    } else if waiting >= 0.5 {
-        "preempted"
-    } else if on + waiting <= 0.3 {
+    // Time the thread *wanted* a CPU (running or ready to run) tells what the
+    // code did: compute, or sleep in a blocking call. Among the wanting, a
+    // busy loop on a loaded machine still gets a good share of the CPU,
+    // while a trivial poll that the OS merely paused got almost none.
+    let wanted = on + waiting;
+    if wanted >= 0.7 {
+        if on * 2.0 >= waiting {
+            "on-cpu"
+        } else {
+            "preempted"
+        }
+    } else if wanted <= 0.3 {
         "off-cpu"
     } else {
         "mixed"
@@ -101,6 +108,8 @@ mod tests {
         assert_eq!(classify(clock(1_000, 0), 100_000), "off-cpu");
         assert_eq!(classify(clock(95_000, 0), 100_000), "on-cpu");
         assert_eq!(classify(clock(10_000, 80_000), 100_000), "preempted");
+        // A busy loop sharing a loaded machine is still computing.
+        assert_eq!(classify(clock(45_000, 50_000), 100_000), "on-cpu");
         assert_eq!(classify(clock(50_000, 0), 100_000), "mixed");
         assert_eq!(classify(None, 100_000), "unknown");
     }

@@ -97,7 +97,14 @@ async fn spawned_cpu_jobs_are_parallel_only_with_two_workers() {
         as_f64(&body, "wall_ms") >= 380.0,
         "one worker runs the jobs one by one: {body}"
     );
-    assert_eq!(body["detail"]["parallelism"], 1.0, "{body}");
+    // One after another: each job starts after the previous one ended.
+    let jobs = body["jobs"].as_array().unwrap();
+    for pair in jobs.windows(2) {
+        assert!(
+            as_f64(&pair[1], "start_ms") >= as_f64(&pair[0], "end_ms"),
+            "{body}"
+        );
+    }
 
     // Two workers on a 2-core machine shared with other tests: only require
     // that *some* overlap happened, i.e. the jobs used both workers.
@@ -110,4 +117,32 @@ async fn spawned_cpu_jobs_are_parallel_only_with_two_workers() {
         .map(|j| j["ran_on"].as_str().unwrap())
         .collect();
     assert_eq!(places.len(), 2, "jobs ran on both workers: {body}");
+}
+
+#[tokio::test]
+async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
+    let _exclusive = crate::helpers::exclusive().await;
+    let app = spawn_app(&["--flavor", "current_thread"], &[]);
+    let url = app.url("/block/sleep?ms=600");
+    let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let victim: serde_json::Value = crate::helpers::fresh_client()
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    blocked.await.unwrap().unwrap();
+    // Its own task ran at once; the wait happened before it existed.
+    assert!(as_f64(&victim, "queued_ms") >= 300.0, "{victim}");
+    assert!(as_f64(&victim, "wall_ms") < 100.0, "{victim}");
+    assert!(
+        victim["verdict"].as_str().unwrap().contains("waited"),
+        "{victim}"
+    );
+
+    let calm: serde_json::Value = app.get_json("/healthz").await;
+    assert!(as_f64(&calm, "queued_ms") < 100.0, "{calm}");
 }
