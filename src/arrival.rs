@@ -81,7 +81,6 @@ impl axum::serve::Listener for ArrivalListener {
         loop {
             match self.inner.accept().await {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
                     let last_rx = Arc::new(AtomicU64::new(0));
                     let arrival = Arrival {
                         peer,
