@@ -45,14 +45,17 @@ struct Watched {
 }
 
 impl Watched {
-    /// The newest sample taken at or before `ns`.
-    fn sample_before(&self, ns: u64) -> Option<Sample> {
-        self.samples
-            .iter()
+    /// The newest sample taken at or before `ns`; failing that (the watcher
+    /// was starved of CPU and sampled only once the stall had begun), the
+    /// oldest one after it: a shorter window, but the same thread doing the
+    /// same thing.
+    fn sample_for(&self, ns: u64) -> Option<Sample> {
+        let mut samples = self.samples.iter().flatten().copied();
+        samples
+            .clone()
             .rev()
-            .flatten()
-            .copied()
             .find(|(at, _)| *at <= ns)
+            .or_else(|| samples.find(|(at, _)| *at > ns))
     }
 
     fn push(&mut self, sample: Sample) {
@@ -156,7 +159,7 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
     let (used, window_ns) = match (
         watched
             .get(long_poll.worker)
-            .and_then(|w| w.sample_before(long_poll.started_ns)),
+            .and_then(|w| w.sample_for(long_poll.started_ns)),
         long_poll.clock_end,
     ) {
         (Some((at, before)), Some(after)) => (
