@@ -112,6 +112,7 @@ echo "ok"
 # --- 3 + 4. jaeger.yaml, docker.toml, cross-file consistency ----------------
 step "3. config/jaeger.yaml  4. config/docker.toml + cross-file consistency"
 python3 - <<'PY'
+import os
 import sys
 import urllib.parse
 
@@ -180,16 +181,10 @@ check(ext["healthcheckv2"].get("use_v2") is True, "healthcheckv2 uses the v2 API
 with open("config/docker.toml", "rb") as f:
     tcfg = tomllib.load(f)
 check(True, "config/docker.toml parses as TOML")
-known = {
-    "server": {"listen", "shutdown_grace_ms"},
-    "admin": {"listen", "jaeger_ui_url"},
-    "runtime": {"flavor", "worker_threads", "max_blocking_threads"},
-    "limits": {"max_ms", "max_fanout", "max_stalling_in_flight"},
-    "telemetry": {"log", "otlp", "otlp_endpoint", "otlp_protocol", "batch_delay_ms",
-                  "console", "console_listen", "console_retention_secs",
-                  "console_publish_interval_ms"},
-    "stall": {"threshold_ms", "history"},
-}
+# The schema is the built-in config/default.toml itself (one place for every
+# key): docker.toml may only set keys that exist there.
+with open("config/default.toml", "rb") as f:
+    known = {section: set(keys) for section, keys in tomllib.load(f).items()}
 for section, keys in tcfg.items():
     check(section in known, f"docker.toml: [{section}] is a known section")
     for key in keys if isinstance(keys, dict) else []:
@@ -224,6 +219,10 @@ for key in (("server", "listen"), ("admin", "listen"), ("telemetry", "console_li
     listen = tcfg[key[0]][key[1]]
     check(host_of(listen) == "0.0.0.0", f"{'.'.join(key)} = {listen} listens beyond the container loopback")
     check(port_of(listen) in app_ports, f"{'.'.join(key)} port {port_of(listen)} is published")
+listened = {port_of(tcfg[s][k]) for s, k in (("server", "listen"), ("admin", "listen"),
+                                              ("telemetry", "console_listen"))}
+for port in app_ports:
+    check(port in listened, f"stall-lab's published port {port} is one it listens on")
 jaeger_ports = published(jaeger)
 check(port_of(ext["jaeger_query"]["http"]["endpoint"]) in jaeger_ports, "Jaeger UI port is published")
 check(not ({4317, 4318} & set(jaeger_ports)), "OTLP ports are not published to the host")
@@ -238,6 +237,11 @@ check(str(port_of(health_ep)) in " ".join(jaeger["healthcheck"]["test"]),
       f"jaeger healthcheck probes the healthcheckv2 port {port_of(health_ep)}")
 check(f":{port_of(tcfg['server']['listen'])}/healthz" in " ".join(app["healthcheck"]["test"]),
       "stall-lab healthcheck probes /healthz on the server port")
+for name, svc in services.items():
+    for v in svc.get("volumes", []):
+        source = str(v).split(":")[0]
+        if source.startswith("./"):
+            check(os.path.exists(source), f"{name}: mounted path {source} exists")
 check(app.get("init") is False, "stall-lab runs without an init shim (binary is PID 1)")
 check(app["depends_on"]["jaeger"].get("condition") == "service_healthy",
       "stall-lab waits for a healthy jaeger")
