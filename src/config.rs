@@ -401,36 +401,31 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
             message,
         })
     };
-    check(
-        c.runtime.worker_threads <= 256,
-        "runtime.worker_threads",
-        format!("{} is more than 256", c.runtime.worker_threads),
-    )?;
-    check(
-        (1..=4096).contains(&c.runtime.max_blocking_threads),
-        "runtime.max_blocking_threads",
-        format!("{} is outside 1..=4096", c.runtime.max_blocking_threads),
-    )?;
-    check(
-        (1..=3_600_000).contains(&c.limits.max_ms),
-        "limits.max_ms",
-        format!("{} is outside 1..=3600000", c.limits.max_ms),
-    )?;
-    check(
-        (1..=10_000).contains(&c.limits.max_fanout),
-        "limits.max_fanout",
-        format!("{} is outside 1..=10000", c.limits.max_fanout),
-    )?;
-    check(
-        (1..=60_000).contains(&c.stall.threshold_ms),
-        "stall.threshold_ms",
-        format!("{} is outside 1..=60000", c.stall.threshold_ms),
-    )?;
-    check(
-        (1..=100_000).contains(&c.stall.history),
-        "stall.history",
-        format!("{} is outside 1..=100000", c.stall.history),
-    )?;
+    // Each (key, value, allowed range): a value outside would make the
+    // runtime panic or the scenarios meaningless.
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 6] = [
+        (
+            "runtime.worker_threads",
+            c.runtime.worker_threads as u64,
+            0..=256,
+        ),
+        (
+            "runtime.max_blocking_threads",
+            c.runtime.max_blocking_threads as u64,
+            1..=4096,
+        ),
+        ("limits.max_ms", c.limits.max_ms, 1..=3_600_000),
+        ("limits.max_fanout", c.limits.max_fanout, 1..=10_000),
+        ("stall.threshold_ms", c.stall.threshold_ms, 1..=60_000),
+        ("stall.history", c.stall.history as u64, 1..=100_000),
+    ];
+    for (key, value, allowed) in ranges {
+        check(
+            allowed.contains(&value),
+            key,
+            format!("{value} is outside {}..={}", allowed.start(), allowed.end()),
+        )?;
+    }
     check(
         c.limits.max_stalling_in_flight >= 1,
         "limits.max_stalling_in_flight",

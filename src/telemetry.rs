@@ -813,7 +813,7 @@ pub fn init_with_env(
         let c = resolve_console(cfg, env)?;
         let (layer, server) = start_console(&c)?;
         lines.push(format!(
-            "tokio-console: listening on {} (retention {} s, publish every {} ms) - run `tokio-console http://{}`",
+            "tokio-console: listening on {} (retention {} s, publish every {} ms) - run `tokio-console http://{}`; it holds ~50 KB per finished task for the retention, so use --no-console under load",
             server.addr,
             c.retention.as_secs(),
             c.publish_interval.as_millis(),
