@@ -932,6 +932,13 @@ pub fn init_with_env(
     let otel_layer = cfg.otlp.then(|| {
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            // Not worth their cost on every span: busy/idle timing (two clock
+            // reads and an extension lookup per enter and exit; the request
+            // span carries stall-lab's own poll statistics instead) and the
+            // thread's name and id (the `workers` attribute says where the
+            // request ran).
+            .with_tracked_inactivity(false)
+            .with_threads(false)
             .with_filter(otel_filter)
     });
 
