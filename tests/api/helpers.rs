@@ -57,6 +57,21 @@ impl TestApp {
         response.json().await.expect("JSON body")
     }
 
+    /// Waits until the stall watcher shows a stall in progress (a request
+    /// fired in the background is really holding its worker), up to 10 s.
+    /// Fixed sleeps are too short on a busy machine.
+    pub async fn wait_for_stall(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stalls = self.admin_json("/debug/stalls").await;
+            if !stalls["in_progress"].as_array().unwrap().is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no stall began: {stalls}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Base URL of the application server.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.listeners["app"])

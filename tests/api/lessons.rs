@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use crate::helpers::{TestApp, as_f64, spawn_app};
 
-/// Starts `path` in the background, waits `after`, then times a `/healthz`
-/// probe on a fresh connection. Returns the probe's latency.
+/// Starts `path` in the background, waits `after` (and, for a blocking
+/// path, until its stall has begun: a fixed sleep is too short on a busy
+/// machine), then times a `/healthz` probe on a fresh connection. Returns
+/// the probe's latency.
 async fn probe_during(app: &TestApp, path: &str, after: Duration) -> Duration {
     let url = app.url(path);
     let background =
         tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
     tokio::time::sleep(after).await;
+    if path.starts_with("/block/") {
+        app.wait_for_stall().await;
+    }
     let (status, latency) = app.timed_get("/healthz").await;
     assert_eq!(status, 200);
     background.await.unwrap().unwrap();
@@ -41,7 +46,7 @@ async fn multi_thread_another_worker_answers_while_one_is_blocked() {
     let url = app.url("/block/sleep?ms=1500");
     let background =
         tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.wait_for_stall().await;
     // The best of a few probes: any one of them may land on the blocked
     // worker's queue, but not all of them, because the free worker steals.
     let mut best = Duration::MAX;
@@ -125,7 +130,7 @@ async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
     let app = spawn_app(&["--flavor", "current_thread"], &[]);
     let url = app.url("/block/sleep?ms=600");
     let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.wait_for_stall().await;
     let victim: serde_json::Value = crate::helpers::fresh_client()
         .get(app.url("/healthz"))
         .send()

@@ -1,8 +1,6 @@
 //! Every route's success shape, its 400s, the 404/405 fallbacks and the stall
 //! budget's 503.
 
-use std::time::Duration;
-
 use crate::helpers::{as_f64, spawn_app};
 
 /// (path, scenario) pairs covering every scenario route with small values.
@@ -194,7 +192,7 @@ async fn the_stall_budget_is_global_and_answers_503_with_retry_after() {
         &[("STALL_LAB__LIMITS__MAX_STALLING_IN_FLIGHT", "1")],
     );
     let holder = {
-        let url = app.url("/block/sleep?ms=1500");
+        let url = app.url("/block/sleep?ms=3000");
         tokio::spawn(async move {
             crate::helpers::fresh_client()
                 .get(url)
@@ -203,7 +201,8 @@ async fn the_stall_budget_is_global_and_answers_503_with_retry_after() {
                 .map(|r| r.status())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the holder is really holding its permit.
+    app.wait_for_stall().await;
     // A different stalling route: the budget is shared, not per route.
     for path in ["/block/cpu?ms=10", "/fanout/spawn?n=2&ms=10"] {
         let response = crate::helpers::fresh_client()

@@ -104,6 +104,7 @@ async fn the_admin_server_answers_during_a_total_stall_and_shows_it_live() {
     let app = spawn_app(&["--flavor", "current_thread"], &[]);
     let url = app.url("/block/sleep?ms=1000");
     let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    app.wait_for_stall().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut best = Duration::MAX;
