@@ -150,15 +150,7 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn info(axum::extract::State(state): axum::extract::State<AdminState>) -> Response {
     let scenarios: Vec<_> = crate::scenarios::ALL
         .iter()
-        .map(|s| {
-            json!({
-                "route": s.route,
-                "params": s.params,
-                "lesson": s.lesson,
-                "blocks": s.stalls,
-                "twin": s.twin,
-            })
-        })
+        .map(|s| s.describe(&state.app_url))
         .collect();
     let c = &state.config;
     no_store(Json(json!({

@@ -32,19 +32,7 @@ pub async fn handler(State(state): State<AppState>, headers: HeaderMap) -> Respo
 }
 
 fn document(state: &AppState) -> serde_json::Value {
-    let scenarios: Vec<_> = ALL
-        .iter()
-        .map(|s| {
-            json!({
-                "route": s.route,
-                "params": s.params,
-                "lesson": s.lesson,
-                "twin": s.twin,
-                "stalls": s.stalls,
-                "example": format!("{}{}", state.self_url, s.example_path()),
-            })
-        })
-        .collect();
+    let scenarios: Vec<_> = ALL.iter().map(|s| s.describe(&state.self_url)).collect();
     json!({
         "name": "stall-lab",
         "lesson": LESSON,

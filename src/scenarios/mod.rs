@@ -45,6 +45,19 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// How the catalogue and the dashboard describe this scenario, with its
+    /// example URL on `base_url` (the app server).
+    pub fn describe(&self, base_url: &str) -> serde_json::Value {
+        serde_json::json!({
+            "route": self.route,
+            "params": self.params,
+            "lesson": self.lesson,
+            "twin": self.twin,
+            "stalls": self.stalls,
+            "example": format!("{base_url}{}", self.example_path()),
+        })
+    }
+
     /// `route?example_query`, ready to append to a base URL.
     pub fn example_path(&self) -> String {
         if self.example_query.is_empty() {
