@@ -54,7 +54,7 @@ fn docker_toml_is_a_valid_config_that_listens_beyond_loopback() {
 
 #[tokio::test]
 async fn a_server_from_docker_toml_serves_and_exports() {
-    let c = crate::telemetry::collector("http/protobuf");
+    let c = crate::otlp_support::Receiver::start("http/protobuf");
     let app = crate::telemetry::traced_app(&c, &["--config", &docker_toml()], &[]);
     let answer = app.get_json("/block/sleep?ms=50").await;
     assert_eq!(answer["workers"].as_array().unwrap().len(), 1);

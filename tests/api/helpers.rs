@@ -240,6 +240,16 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
     }
 }
 
+/// GET `url` with `client`, returning the JSON body whatever the status.
+pub async fn fetch_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .expect("request reaches the server");
+    response.json().await.expect("JSON body")
+}
+
 /// Runs the binary to completion (for `--print-config` and startup errors).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new(BIN);

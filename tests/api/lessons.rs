@@ -131,14 +131,8 @@ async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
     let url = app.url("/block/sleep?ms=600");
     let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
     app.wait_for_stall().await;
-    let victim: serde_json::Value = crate::helpers::fresh_client()
-        .get(app.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let victim =
+        crate::helpers::fetch_json(&crate::helpers::fresh_client(), &app.url("/healthz")).await;
     blocked.await.unwrap().unwrap();
     // Its own task ran at once; the wait happened before it existed.
     assert!(as_f64(&victim, "queued_ms") >= 300.0, "{victim}");

@@ -113,23 +113,6 @@ impl SpanStore {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    /// Same, from a plain thread (no runtime needed).
-    pub fn wait_for_blocking(
-        &self,
-        pred: impl Fn(&[RecordedSpan]) -> bool,
-        timeout: Duration,
-    ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&self.0.lock().unwrap()) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// Runs `make_server(listener)` on a new thread with its own current-thread
@@ -173,97 +156,81 @@ impl TraceService for Collector {
     }
 }
 
-/// OTLP/gRPC receiver on 127.0.0.1:0.
+/// An in-process OTLP receiver on 127.0.0.1:0, on its own thread and
+/// runtime, for either protocol:
 ///
-/// Why not `fake_opentelemetry_collector::FakeCollectorServer` (0.42)? It drops
-/// `resource_spans.resource` (so service.name can't be checked), renders
-/// attribute values as protobuf `Debug` strings, and pushes into a bounded
-/// (64) channel that back-pressures the exporter when the test isn't reading.
-/// This is the same tonic `TraceService`, keeping everything.
-pub struct GrpcReceiver {
+/// - `grpc`: tonic's `TraceService`. Why not
+///   `fake_opentelemetry_collector::FakeCollectorServer` (0.42)? It drops
+///   `resource_spans.resource` (so service.name can't be checked), renders
+///   attribute values as protobuf `Debug` strings, and pushes into a bounded
+///   (64) channel that back-pressures the exporter when the test isn't
+///   reading.
+/// - `http/protobuf`: axum, `POST /v1/traces` with `application/x-protobuf`,
+///   decoded with prost.
+pub struct Receiver {
     pub addr: SocketAddr,
     pub store: SpanStore,
+    /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value this receiver speaks.
+    pub protocol: &'static str,
 }
 
-impl GrpcReceiver {
-    pub fn start() -> Self {
+impl Receiver {
+    pub fn start(protocol: &'static str) -> Self {
         let store = SpanStore::default();
         let s = store.clone();
-        let addr = spawn_server("grpc-receiver", move |listener| async move {
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(Collector(s)))
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-                .await
-                .unwrap();
-        });
-        Self { addr, store }
+        let addr = match protocol {
+            "grpc" => spawn_server("grpc-receiver", move |listener| async move {
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(Collector(s)))
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                    .await
+                    .unwrap();
+            }),
+            "http/protobuf" => spawn_server("http-receiver", move |listener| async move {
+                axum::serve(listener, http_receiver(s)).await.unwrap();
+            }),
+            other => panic!("no receiver for protocol {other}"),
+        };
+        Self {
+            addr,
+            store,
+            protocol,
+        }
     }
-    /// Base URL for `telemetry.otlp_endpoint` with protocol grpc.
+
+    /// Base URL for `OTEL_EXPORTER_OTLP_ENDPOINT` (the exporter appends
+    /// `/v1/traces` for http/protobuf).
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
-    pub async fn wait_for(
-        &self,
-        pred: impl Fn(&[RecordedSpan]) -> bool,
-        timeout: Duration,
-    ) -> bool {
-        self.store.wait_for(pred, timeout).await
-    }
 }
 
-/// OTLP/HTTP receiver: axum on 127.0.0.1:0, `POST /v1/traces` with
-/// `application/x-protobuf`, decoded with prost.
-pub struct HttpReceiver {
-    pub addr: SocketAddr,
-    pub store: SpanStore,
-}
+fn http_receiver(store: SpanStore) -> axum::Router {
+    use axum::http::{HeaderMap, StatusCode, header};
+    use prost::Message;
 
-impl HttpReceiver {
-    pub fn start() -> Self {
-        use axum::http::{HeaderMap, StatusCode, header};
-        use prost::Message;
-
-        let store = SpanStore::default();
-        let s = store.clone();
-        let addr = spawn_server("http-receiver", move |listener| async move {
-            let app = axum::Router::new().route(
-                "/v1/traces",
-                axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                    let s = s.clone();
-                    async move {
-                        let ct = headers
-                            .get(header::CONTENT_TYPE)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default();
-                        if ct != "application/x-protobuf" {
-                            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, ct.to_string()));
-                        }
-                        let req = ExportTraceServiceRequest::decode(body)
-                            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-                        s.push_all(flatten(req));
-                        Ok((
-                            [(header::CONTENT_TYPE, "application/x-protobuf")],
-                            ExportTraceServiceResponse::default().encode_to_vec(),
-                        ))
-                    }
-                }),
-            );
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self { addr, store }
-    }
-    /// Base URL for `telemetry.otlp_endpoint` with protocol http/protobuf
-    /// (telemetry appends `/v1/traces`).
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-    pub async fn wait_for(
-        &self,
-        pred: impl Fn(&[RecordedSpan]) -> bool,
-        timeout: Duration,
-    ) -> bool {
-        self.store.wait_for(pred, timeout).await
-    }
+    axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                let ct = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if ct != "application/x-protobuf" {
+                    return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, ct.to_string()));
+                }
+                let req = ExportTraceServiceRequest::decode(body)
+                    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+                store.push_all(flatten(req));
+                Ok((
+                    [(header::CONTENT_TYPE, "application/x-protobuf")],
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                ))
+            }
+        }),
+    )
 }
 
 /// Connects to a tokio-console server and returns the names of the tasks it

@@ -232,15 +232,11 @@ async fn the_dashboard_and_events_are_served() {
     assert!(snapshot["lag"]["probe_delay_ms"].is_number(), "{snapshot}");
 
     // The fire proxy forwards to the app, N at once.
-    let fired: Value = app
-        .client
-        .get(app.admin_url("/api/fire?path=/healthz&concurrency=3"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let fired = crate::helpers::fetch_json(
+        &app.client,
+        &app.admin_url("/api/fire?path=/healthz&concurrency=3"),
+    )
+    .await;
     let results = fired["results"].as_array().unwrap();
     assert_eq!(results.len(), 3, "{fired}");
     assert!(
@@ -260,7 +256,7 @@ async fn the_dashboard_and_events_are_served() {
 
 #[tokio::test]
 async fn the_stall_span_is_exported_and_linked_to_its_culprit() {
-    let c = crate::telemetry::collector("http/protobuf");
+    let c = crate::otlp_support::Receiver::start("http/protobuf");
     let app = crate::telemetry::traced_app(&c, &["--workers", "2"], &[]);
     let answer = app.get_json("/block/sleep?ms=100").await;
     let trace_id = answer["trace_id"].as_str().unwrap().to_owned();

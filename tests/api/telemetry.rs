@@ -5,49 +5,16 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::{TestApp, spawn_app};
-use crate::otlp_support::{GrpcReceiver, HttpReceiver, RecordedSpan, SpanStore, console_tasks};
+use crate::otlp_support::{Receiver, RecordedSpan, console_tasks};
 
 const SPAN_WAIT: Duration = Duration::from_secs(10);
 
-pub struct Collector {
-    pub store: SpanStore,
-    endpoint: String,
-    protocol: &'static str,
-    // Keep the receivers' addresses alive for the test's duration.
-    _http: Option<HttpReceiver>,
-    _grpc: Option<GrpcReceiver>,
-}
-
-pub fn collector(protocol: &'static str) -> Collector {
-    match protocol {
-        "grpc" => {
-            let r = GrpcReceiver::start();
-            Collector {
-                store: r.store.clone(),
-                endpoint: r.endpoint(),
-                protocol,
-                _http: None,
-                _grpc: Some(r),
-            }
-        }
-        _ => {
-            let r = HttpReceiver::start();
-            Collector {
-                store: r.store.clone(),
-                endpoint: r.endpoint(),
-                protocol,
-                _http: Some(r),
-                _grpc: None,
-            }
-        }
-    }
-}
-
 /// A server exporting to `c`, with extra args and env.
-pub fn traced_app(c: &Collector, args: &[&str], env: &[(&str, &str)]) -> TestApp {
+pub fn traced_app(c: &Receiver, args: &[&str], env: &[(&str, &str)]) -> TestApp {
+    let endpoint = c.endpoint();
     let mut all = vec![
         ("STALL_LAB__TELEMETRY__OTLP", "true"),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", c.endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", c.protocol),
         ("STALL_LAB__TELEMETRY__BATCH_DELAY_MS", "100"),
     ];
@@ -69,7 +36,7 @@ fn children<'a>(spans: &'a [RecordedSpan], parent: &RecordedSpan) -> Vec<&'a Rec
 }
 
 async fn request_spans_carry_semantics_and_poll_statistics(protocol: &'static str) {
-    let c = collector(protocol);
+    let c = Receiver::start(protocol);
     let app = traced_app(&c, &[], &[]);
 
     let block = app.get_json("/block/sleep?ms=200").await;
@@ -198,7 +165,7 @@ async fn grpc_request_spans() {
 /// before the block reaches the receiver before the block ends.
 async fn export_keeps_flowing_during_a_total_stall(protocol: &'static str) {
     let _exclusive = crate::helpers::exclusive().await;
-    let c = collector(protocol);
+    let c = Receiver::start(protocol);
     let app = traced_app(&c, &["--flavor", "current_thread"], &[]);
     app.get_json("/healthz").await;
     let url = app.url("/block/sleep?ms=2000");
@@ -260,7 +227,7 @@ async fn tokio_console_shows_a_task_named_after_the_route() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_flushes_spans_of_completed_requests() {
-    let c = collector("http/protobuf");
+    let c = Receiver::start("http/protobuf");
     // A batch delay far longer than the test: only the shutdown flush can
     // deliver these spans.
     let mut app = traced_app(
