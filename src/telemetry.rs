@@ -420,15 +420,18 @@ fn otlp_allowed(meta: &tracing::Metadata<'_>) -> bool {
     !meta.name().starts_with("runtime.") && !OTLP_DENY_CRATES.contains(&krate)
 }
 
+/// The log filter `init` resolved, for [`side_thread_subscriber`].
+static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// A subscriber for side threads whose tokio tasks are plumbing, not the
 /// application (the admin server's runtime): logs only, so their tasks stay
 /// out of tokio-console and their spans out of Jaeger. Install it on the
 /// thread with `tracing::subscriber::set_default`.
 pub fn side_thread_subscriber() -> impl tracing::Subscriber + Send + Sync {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| EnvFilter::try_new(fmt_filter_string(&v)).ok())
-        .unwrap_or_else(|| EnvFilter::new(fmt_filter_string("info")));
+    // The same log filter as the main fmt layer (RUST_LOG or telemetry.log),
+    // as resolved and validated by `init`.
+    let log = LOG_FILTER.get().map_or("info", String::as_str);
+    let filter = EnvFilter::new(fmt_filter_string(log));
     tracing_subscriber::registry().with(
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -801,6 +804,7 @@ pub fn init_with_env(
             key: log_source,
             message: format!("{log:?}: {e}"),
         })?;
+    let _ = LOG_FILTER.set(log.clone());
     let otlp_level = EnvFilter::try_new(&cfg.otlp_filter).map_err(|e| TelemetryError::Config {
         key: "telemetry.otlp_filter",
         message: format!("{:?}: {e}", cfg.otlp_filter),

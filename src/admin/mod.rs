@@ -98,10 +98,7 @@ pub fn start(state: AdminState) -> anyhow::Result<AdminServer> {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let sampler = state
-                    .busy
-                    .clone()
-                    .run(state.app.clone(), state.monitor.clone());
+                let sampler = state.busy.clone().run(state.app.clone());
                 let serve = axum::serve(listener, router(state));
                 // No graceful shutdown: `/debug/events` streams never end on
                 // their own, and nothing here needs draining.

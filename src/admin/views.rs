@@ -13,7 +13,6 @@ use futures::Stream;
 use serde_json::{Value, json};
 
 use super::{AdminState, EVENTS_INTERVAL, no_store};
-use crate::stall::Monitor;
 
 /// How many recent stalls the live views carry.
 pub const RECENT_STALLS: usize = 50;
@@ -31,7 +30,7 @@ pub struct BusySampler {
 
 impl BusySampler {
     /// Runs forever on the admin runtime.
-    pub async fn run(self: Arc<Self>, app: tokio::runtime::Handle, _monitor: Option<Arc<Monitor>>) {
+    pub async fn run(self: Arc<Self>, app: tokio::runtime::Handle) {
         let mut interval = tokio::time::interval(EVENTS_INTERVAL);
         loop {
             interval.tick().await;
