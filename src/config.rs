@@ -403,7 +403,7 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
     };
     // Each (key, value, allowed range): a value outside would make the
     // runtime panic or the scenarios meaningless.
-    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 6] = [
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 7] = [
         (
             "runtime.worker_threads",
             c.runtime.worker_threads as u64,
@@ -418,6 +418,11 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
         ("limits.max_fanout", c.limits.max_fanout, 1..=10_000),
         ("stall.threshold_ms", c.stall.threshold_ms, 1..=60_000),
         ("stall.history", c.stall.history as u64, 1..=100_000),
+        (
+            "telemetry.console_task_budget",
+            c.telemetry.console_task_budget,
+            0..=10_000_000,
+        ),
     ];
     for (key, value, allowed) in ranges {
         check(

@@ -131,6 +131,10 @@ pub async fn run_in_own_task(
         .into_response(),
     };
 
+    if let Some(notice) = state.console_budget.as_ref().and_then(|b| b.take_notice()) {
+        tracing::warn!("{notice}");
+    }
+
     let status = response.status();
     let stats = probe.stats.snapshot();
     span.record("http.response.status_code", status.as_u16());

@@ -76,8 +76,10 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     let lag =
         crate::admin::LagProbe::spawn(runtime.handle()).context("cannot spawn the lag probe")?;
     let config = Arc::new(config);
+    let console_budget = telemetry.console_budget();
     let admin = crate::admin::start(crate::admin::AdminState {
         monitor: monitor.clone(),
+        console: console_budget.clone(),
         app: runtime.handle().clone(),
         app_url: app_url.clone(),
         lag,
@@ -91,7 +93,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
 
     let result = runtime.block_on(async {
         let listener = TcpListener::from_std(app_listener)?;
-        let state = AppState::new(&config, app_url, monitor);
+        let state = AppState::new(&config, app_url, monitor).with_console_budget(console_budget);
         run(
             listener,
             state,

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, Flavor, LimitsConfig};
 use crate::stall::{Culprit, Monitor};
+use crate::telemetry::ConsoleBudget;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -28,6 +29,9 @@ pub struct AppState {
     /// The stall watcher's shared state, when it runs: request tasks are
     /// registered in it so a stall can name its culprit.
     pub monitor: Option<Arc<Monitor>>,
+    /// tokio-console's task budget, when the console is on: asked after each
+    /// request whether it ran out, so that is logged (once).
+    pub console_budget: Option<Arc<ConsoleBudget>>,
     /// `GET /route` for every scenario route, made once: a request's task
     /// name and culprit share these instead of formatting and allocating
     /// them per request.
@@ -125,7 +129,13 @@ impl AppState {
                 .expect("a plain HTTP client builds"),
             in_flight: Arc::new(AtomicUsize::new(0)),
             monitor,
+            console_budget: None,
             names: Arc::new(names),
         }
+    }
+
+    pub fn with_console_budget(mut self, budget: Option<Arc<ConsoleBudget>>) -> Self {
+        self.console_budget = budget;
+        self
     }
 }

@@ -41,6 +41,8 @@ pub const EVENTS_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct AdminState {
     pub monitor: Option<Arc<Monitor>>,
+    /// tokio-console's task budget and its counters, when the console is on.
+    pub console: Option<Arc<crate::telemetry::ConsoleBudget>>,
     /// Handle of the *application* runtime, for its metrics only.
     pub app: tokio::runtime::Handle,
     pub app_url: String,

@@ -114,6 +114,8 @@ pub fn runtime_document(state: &AdminState) -> Value {
         "global_queue_depth": metrics.global_queue_depth(),
         "busy_window_ms": BUSY_WINDOW.as_millis() as u64,
         "worker_stats": worker_stats,
+        // null with the console off.
+        "console": state.console.as_ref().map(|b| b.snapshot()),
     })
 }
 

@@ -225,6 +225,57 @@ async fn tokio_console_shows_a_task_named_after_the_route() {
     blocked.await.unwrap().unwrap();
 }
 
+/// Fires 20 `/healthz` and returns how many `GET /healthz` tasks the console
+/// reports (waiting up to 3 s for all 20) and the `/debug/runtime` document.
+async fn console_sees_healthz_tasks(app: &TestApp) -> (usize, serde_json::Value) {
+    for _ in 0..20 {
+        app.get_json("/healthz").await;
+    }
+    let console: std::net::SocketAddr = app.listeners["console"]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let healthz = |names: &[String]| names.iter().filter(|n| *n == "GET /healthz").count();
+    let seen = console_tasks(console, |n| healthz(n) >= 20, Duration::from_secs(3)).await;
+    (healthz(&seen), app.admin_json("/debug/runtime").await)
+}
+
+#[tokio::test]
+async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
+    const NOTICE: &str = "tokio-console: task budget used up";
+    let fast_publish = ("TOKIO_CONSOLE_PUBLISH_INTERVAL", "100ms");
+
+    // The default budget (2000 per 10 minutes): every request is in the console.
+    let app = spawn_app(&[], &[fast_publish]);
+    let (seen, runtime) = console_sees_healthz_tasks(&app).await;
+    assert_eq!(seen, 20, "{runtime}");
+    assert_eq!(runtime["console"]["task_budget"], 2000);
+    assert_eq!(runtime["console"]["tasks_not_recorded"], 0, "{runtime}");
+    assert!(!app.logs().contains(NOTICE));
+
+    // A budget of 5 per 10 minutes (one more every 2 minutes): startup's
+    // own tasks and the first requests spend it, the rest are left out.
+    let app = spawn_app(
+        &[],
+        &[
+            fast_publish,
+            ("STALL_LAB__TELEMETRY__CONSOLE_TASK_BUDGET", "5"),
+        ],
+    );
+    let (seen, runtime) = console_sees_healthz_tasks(&app).await;
+    let console = &runtime["console"];
+    assert!(seen <= 5, "console saw {seen} GET /healthz tasks");
+    assert_eq!(console["task_budget"], 5);
+    assert_eq!(console["tasks_recorded"], 5, "{runtime}");
+    // 20 request tasks and a connection, minus what the budget allowed.
+    assert!(
+        console["tasks_not_recorded"].as_u64().unwrap() >= 16,
+        "{runtime}"
+    );
+    // Serving was unaffected, and the budget running out was said once.
+    assert_eq!(app.logs().matches(NOTICE).count(), 1, "{}", app.logs());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_flushes_spans_of_completed_requests() {
     let c = Receiver::start("http/protobuf");

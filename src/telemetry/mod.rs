@@ -56,7 +56,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, filter};
+use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
+
+pub mod console_budget;
+use console_budget::ConsoleFilter;
+pub use console_budget::{BudgetSnapshot, ConsoleBudget};
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 pub const SERVICE_NAME: &str = "stall-lab";
@@ -121,6 +125,9 @@ pub struct TelemetryConfig {
     pub console_retention_secs: u64,
     /// `TOKIO_CONSOLE_PUBLISH_INTERVAL` overrides (`1000`, `1000ms`, `1s`).
     pub console_publish_interval_ms: u64,
+    /// Tasks the console may record per retention window; 0 = no limit.
+    /// See [`console_budget`].
+    pub console_task_budget: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -136,6 +143,7 @@ impl Default for TelemetryConfig {
             console_listen: SocketAddr::from(([127, 0, 0, 1], 6669)),
             console_retention_secs: 600,
             console_publish_interval_ms: 1000,
+            console_task_budget: 2000,
         }
     }
 }
@@ -199,6 +207,7 @@ pub struct Telemetry {
     stats: Arc<ExportStats>,
     grpc_runtime: Option<RuntimeThread>,
     console: Option<ConsoleServer>,
+    console_budget: Option<Arc<ConsoleBudget>>,
     lines: Vec<String>,
 }
 
@@ -816,14 +825,19 @@ pub fn init_with_env(
     let console = if cfg.console {
         let c = resolve_console(cfg, env)?;
         let (layer, server) = start_console(&c)?;
+        let budget = Arc::new(ConsoleBudget::new(cfg.console_task_budget, c.retention));
         lines.push(format!(
-            "tokio-console: listening on {} (retention {} s, publish every {} ms) - run `tokio-console http://{}`; it holds ~50 KB per finished task for the retention, so use --no-console under load",
+            "tokio-console: listening on {} (retention {} s, publish every {} ms, {}) - run `tokio-console http://{}`",
             server.addr,
             c.retention.as_secs(),
             c.publish_interval.as_millis(),
+            match cfg.console_task_budget {
+                0 => "no task budget: ~50 KB per task for the retention, use --no-console under load".to_string(),
+                n => format!("records at most {n} tasks per retention window"),
+            },
             server.addr
         ));
-        Some((layer, server))
+        Some((layer, server, budget))
     } else {
         lines.push("tokio-console: off (telemetry.console = false)".into());
         None
@@ -914,9 +928,9 @@ pub fn init_with_env(
     let tracer = provider.tracer("stall-lab");
 
     // 4. The subscriber. Each layer carries its own filter.
-    let (console_layer, console_server) = match console {
-        Some((layer, server)) => (Some(layer), Some(server)),
-        None => (None, None),
+    let (console_layer, console_server, console_budget) = match console {
+        Some((layer, server, budget)) => (Some(layer), Some(server), Some(budget)),
+        None => (None, None, None),
     };
     // Static filters only. A filter that answers differently per thread (to
     // hide some threads' tasks from the console) makes every callsite in the
@@ -924,7 +938,7 @@ pub fn init_with_env(
     // tokio gets evaluated on every call: measured at several times the
     // per-request cost. Side threads that must stay out of the console
     // install `side_thread_subscriber()` instead.
-    let console_filter = EnvFilter::new("tokio=trace,runtime=trace");
+    let console_directives = EnvFilter::new("tokio=trace,runtime=trace");
     let otel_filter = filter::filter_fn(otlp_allowed).and(otlp_level);
     // The fmt layer logs events only: recording every request span's fields
     // for log context would cost formatting on every request. Events that
@@ -946,16 +960,29 @@ pub fn init_with_env(
             .with_filter(otel_filter)
     });
 
-    tracing_subscriber::registry()
-        .with(console_layer.map(|l| l.with_filter(console_filter)))
-        .with(otel_layer)
-        .with(
-            // Logs on stderr; stdout carries only the `listening:` lines.
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(fmt_filter),
-        )
-        .try_init()?;
+    // A `Vec` of boxed layers rather than `Option` layers: an absent
+    // `Option` layer answers "always interested" for every callsite, which
+    // made the registry create every span in the process (tokio's
+    // `runtime.spawn` included) with all telemetry off.
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
+    if let (Some(console_layer), Some(budget)) = (console_layer, &console_budget) {
+        let filter = ConsoleFilter {
+            directives: console_directives,
+            budget: Arc::clone(budget),
+        };
+        layers.push(console_layer.with_filter(filter).boxed());
+    }
+    if let Some(otel_layer) = otel_layer {
+        layers.push(otel_layer.boxed());
+    }
+    layers.push(
+        // Logs on stderr; stdout carries only the `listening:` lines.
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(fmt_filter)
+            .boxed(),
+    );
+    tracing_subscriber::registry().with(layers).try_init()?;
 
     // Inbound/outbound W3C traceparent.
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -966,6 +993,7 @@ pub fn init_with_env(
         stats,
         grpc_runtime,
         console: console_server,
+        console_budget,
         lines,
     })
 }
@@ -994,6 +1022,12 @@ impl Telemetry {
     /// Human lines for the startup log.
     pub fn describe(&self) -> Vec<String> {
         self.lines.clone()
+    }
+
+    /// The console's task budget, when the console is on: for the warning
+    /// that it ran out and for `/debug/runtime`.
+    pub fn console_budget(&self) -> Option<Arc<ConsoleBudget>> {
+        self.console_budget.clone()
     }
 
     /// The address the console server actually bound (port 0 resolved).

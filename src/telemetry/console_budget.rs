@@ -1,0 +1,247 @@
+//! How many tasks tokio-console may record: a token bucket in front of the
+//! console layer.
+//!
+//! console-subscriber keeps two HdrHistograms (~50 KB) for every task it
+//! records (poll times and scheduling delays), and keeps a *finished* task for
+//! the whole retention (10 minutes here), so that `tokio-console` can still
+//! show it. stall-lab makes a task per request. Under a load generator that
+//! is requests/s × retention × 50 KB: measured, 5.4 GB after 100k requests
+//! of `/healthz`, with most of the server's CPU going to the kernel zeroing
+//! fresh pages for histograms nobody would ever scroll to.
+//!
+//! The budget bounds it. The console records at most `budget` tasks up
+//! front, then `budget` more per retention window (the bucket refills at
+//! budget ÷ retention tasks per second), so it never holds more than about
+//! 2 × budget finished tasks. A task it does not record still runs, is
+//! traced, counted in `/debug/runtime` and watched for stalls; it only is not
+//! in the console. Firing scenarios by hand, even a few per second, never
+//! reaches the default budget.
+//!
+//! The decision is taken once per task, when tokio creates the task's
+//! `runtime.spawn` span (tokio does so at spawn, with `--cfg tokio_unstable`).
+//! When the console layer's filter refuses it, no layer wants the span, so
+//! it is never created: tokio attaches no tracing id to the task and emits
+//! none of its per-poll and per-wake events. An unrecorded task costs the
+//! console nothing.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The span tokio creates for every task it spawns (also `spawn_blocking`
+/// and `block_on`, with another `kind`).
+fn is_task_span(meta: &Metadata<'_>) -> bool {
+    meta.is_span() && meta.name() == "runtime.spawn"
+}
+
+/// The budget and its counters. Shared by the console layer's filter (which
+/// spends it) and the places that report on it.
+#[derive(Debug)]
+pub struct ConsoleBudget {
+    /// Tasks per retention window; 0 means no limit.
+    budget: u64,
+    retention: Duration,
+    bucket: Mutex<Bucket>,
+    recorded: AtomicU64,
+    not_recorded: AtomicU64,
+    /// Set when the first task is turned away, until someone logs it.
+    notice_pending: AtomicBool,
+    notice_given: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+/// What `/debug/runtime` shows under `console`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetSnapshot {
+    /// `telemetry.console_task_budget`; 0 = unlimited.
+    pub task_budget: u64,
+    pub retention_secs: u64,
+    /// Tasks the budget lets the console record per second, once the first
+    /// `task_budget` are spent.
+    pub refill_per_sec: f64,
+    pub tasks_recorded: u64,
+    pub tasks_not_recorded: u64,
+}
+
+impl ConsoleBudget {
+    pub fn new(budget: u64, retention: Duration) -> Self {
+        Self {
+            budget,
+            retention,
+            bucket: Mutex::new(Bucket {
+                tokens: budget as f64,
+                refilled_at: Instant::now(),
+            }),
+            recorded: AtomicU64::new(0),
+            not_recorded: AtomicU64::new(0),
+            notice_pending: AtomicBool::new(false),
+            notice_given: AtomicBool::new(false),
+        }
+    }
+
+    fn limited(&self) -> bool {
+        self.budget > 0
+    }
+
+    fn refill_per_sec(&self) -> f64 {
+        if !self.limited() {
+            return f64::INFINITY;
+        }
+        // A retention of 0 keeps nothing, so nothing needs bounding.
+        self.budget as f64 / self.retention.as_secs_f64().max(1e-3)
+    }
+
+    /// Spends one task of the budget, if there is one left at `now`.
+    fn admit_at(&self, now: Instant) -> bool {
+        let admitted = !self.limited() || {
+            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let elapsed = now.saturating_duration_since(b.refilled_at).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * self.refill_per_sec()).min(self.budget as f64);
+            b.refilled_at = now;
+            if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        };
+        if admitted {
+            self.recorded.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.not_recorded.fetch_add(1, Ordering::Relaxed);
+            if !self.notice_given.load(Ordering::Relaxed) {
+                self.notice_pending.store(true, Ordering::Relaxed);
+            }
+        }
+        admitted
+    }
+
+    /// The warning to log, the first time the budget turned a task away;
+    /// `None` before that and ever after. It cannot be logged from inside the
+    /// filter (an event emitted while the subscriber is deciding about a span
+    /// would reenter it), so request handling asks here afterwards: an atomic
+    /// load per request.
+    pub fn take_notice(&self) -> Option<String> {
+        if !self.notice_pending.load(Ordering::Relaxed)
+            || self.notice_given.swap(true, Ordering::Relaxed)
+        {
+            return None;
+        }
+        Some(format!(
+            "tokio-console: task budget used up ({} tasks per {} s retention, \
+             telemetry.console_task_budget); new tasks are left out of the console \
+             until it refills ({:.1} tasks/s). They still run, are traced and watched \
+             for stalls; /debug/runtime counts them. Each recorded task holds ~50 KB for \
+             the retention. For load runs use --no-console, or shorten TOKIO_CONSOLE_RETENTION",
+            self.budget,
+            self.retention.as_secs(),
+            self.refill_per_sec()
+        ))
+    }
+
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        BudgetSnapshot {
+            task_budget: self.budget,
+            retention_secs: self.retention.as_secs(),
+            refill_per_sec: if self.limited() {
+                self.refill_per_sec()
+            } else {
+                0.0
+            },
+            tasks_recorded: self.recorded.load(Ordering::Relaxed),
+            tasks_not_recorded: self.not_recorded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The console layer's filter: `tokio=trace,runtime=trace`, plus the budget
+/// on task spans.
+pub struct ConsoleFilter {
+    pub directives: EnvFilter,
+    pub budget: std::sync::Arc<ConsoleBudget>,
+}
+
+impl<S> Filter<S> for ConsoleFilter
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        Filter::<S>::enabled(&self.directives, meta, cx)
+            && (!is_task_span(meta) || self.budget.admit_at(Instant::now()))
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        let interest = Filter::<S>::callsite_enabled(&self.directives, meta);
+        // Only the spawn callsites are asked per call; every other callsite
+        // keeps its cached interest, so the budget costs nothing elsewhere.
+        if is_task_span(meta) && self.budget.limited() && !interest.is_never() {
+            Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Filter::<S>::max_level_hint(&self.directives)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spends_the_budget_then_refills_at_budget_per_retention() {
+        let budget = ConsoleBudget::new(10, Duration::from_secs(100));
+        let t0 = budget.bucket.lock().unwrap().refilled_at;
+        let admitted = (0..25).filter(|_| budget.admit_at(t0)).count();
+        assert_eq!(admitted, 10);
+        // 10 tasks per 100 s: one more every 10 s.
+        assert!(!budget.admit_at(t0 + Duration::from_secs(9)));
+        assert!(budget.admit_at(t0 + Duration::from_secs(11)));
+        assert!(!budget.admit_at(t0 + Duration::from_secs(12)));
+        // Never more than the budget at once, however long it rested.
+        let later = t0 + Duration::from_secs(10_000);
+        assert_eq!((0..25).filter(|_| budget.admit_at(later)).count(), 10);
+        let s = budget.snapshot();
+        assert_eq!((s.tasks_recorded, s.tasks_not_recorded), (21, 32));
+        assert!((s.refill_per_sec - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn warns_once_and_only_after_a_task_was_turned_away() {
+        let budget = ConsoleBudget::new(1, Duration::from_secs(600));
+        let now = Instant::now();
+        assert!(budget.admit_at(now));
+        assert_eq!(budget.take_notice(), None);
+        assert!(!budget.admit_at(now));
+        let notice = budget
+            .take_notice()
+            .expect("a notice after the first refusal");
+        assert!(notice.contains("telemetry.console_task_budget"), "{notice}");
+        assert!(!budget.admit_at(now));
+        assert_eq!(budget.take_notice(), None);
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let budget = ConsoleBudget::new(0, Duration::from_secs(600));
+        let now = Instant::now();
+        assert!((0..10_000).all(|_| budget.admit_at(now)));
+        assert_eq!(budget.take_notice(), None);
+        assert_eq!(budget.snapshot().tasks_not_recorded, 0);
+    }
+}
