@@ -957,6 +957,13 @@ pub fn init_with_env(
             // request ran).
             .with_tracked_inactivity(false)
             .with_threads(false)
+            // Nor is making each span the current OpenTelemetry context on
+            // every enter (a context clone and a thread-local push per poll
+            // of the request task): nothing here reads
+            // `opentelemetry::Context::current()`; parents come from the
+            // tracing span tree, and outbound propagation uses
+            // `Span::context()`.
+            .with_context_activation(false)
             .with_filter(otel_filter)
     });
 
