@@ -1308,7 +1308,7 @@ fn polls_per_healthz() -> f64 {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let state = stall_lab::state::AppState::new(&config, format!("http://{addr}"), monitor);
+    let state = stall_lab::state::AppState::new(&config, format!("http://{addr}"), monitor, None);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn(stall_lab::server::run(
         listener,

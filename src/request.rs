@@ -63,12 +63,14 @@ pub async fn run_in_own_task(
 
     let span = tracing::info_span!(
         "request",
-        otel.name = %name,
+        // `&str`, not `%` (Display): a str is recorded as is, Display goes
+        // through the formatting machinery on every request.
+        otel.name = &*name,
         otel.kind = "server",
         otel.status_code = Empty,
-        http.request.method = %req.method(),
-        http.route = %route,
-        url.path = %req.uri().path(),
+        http.request.method = req.method().as_str(),
+        http.route = route.as_str(),
+        url.path = req.uri().path(),
         http.response.status_code = Empty,
         wall_ms = Empty,
         polls = Empty,

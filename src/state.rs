@@ -11,8 +11,19 @@ use crate::config::{Config, Flavor, LimitsConfig};
 use crate::stall::{Culprit, Monitor};
 use crate::telemetry::ConsoleBudget;
 
+/// Cloned for every request (by the middleware, the router and each
+/// extractor), so it is one `Arc`: a clone is one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub limits: LimitsConfig,
     /// The stall budget: one semaphore shared by every stalling route, so it
     /// bounds them *together*. (A `ConcurrencyLimitLayer` on each route would
@@ -25,7 +36,7 @@ pub struct AppState {
     /// HTTP client for `/downstream`; one per server so connections are reused.
     pub http: reqwest::Client,
     /// Requests currently being handled, for the shutdown log.
-    pub in_flight: Arc<AtomicUsize>,
+    pub in_flight: AtomicUsize,
     /// The stall watcher's shared state, when it runs: request tasks are
     /// registered in it so a stall can name its culprit.
     pub monitor: Option<Arc<Monitor>>,
@@ -35,7 +46,7 @@ pub struct AppState {
     /// `GET /route` for every scenario route, made once: a request's task
     /// name and culprit share these instead of formatting and allocating
     /// them per request.
-    names: Arc<HashMap<&'static str, RouteNames>>,
+    names: HashMap<&'static str, RouteNames>,
 }
 
 /// The names of one route, made once at startup.
@@ -100,7 +111,12 @@ impl AppState {
         }
     }
 
-    pub fn new(config: &Config, self_url: String, monitor: Option<Arc<Monitor>>) -> Self {
+    pub fn new(
+        config: &Config,
+        self_url: String,
+        monitor: Option<Arc<Monitor>>,
+        console_budget: Option<Arc<ConsoleBudget>>,
+    ) -> Self {
         let names = crate::scenarios::ALL
             .iter()
             .map(|s| {
@@ -115,7 +131,7 @@ impl AppState {
                 (s.route, RouteNames { task, untraced })
             })
             .collect();
-        AppState {
+        AppState(Arc::new(Shared {
             limits: config.limits.clone(),
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
             flavor: config.runtime.flavor,
@@ -127,15 +143,10 @@ impl AppState {
                 .no_proxy()
                 .build()
                 .expect("a plain HTTP client builds"),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight: AtomicUsize::new(0),
             monitor,
-            console_budget: None,
-            names: Arc::new(names),
-        }
-    }
-
-    pub fn with_console_budget(mut self, budget: Option<Arc<ConsoleBudget>>) -> Self {
-        self.console_budget = budget;
-        self
+            console_budget,
+            names,
+        }))
     }
 }
