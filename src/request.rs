@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
@@ -137,21 +137,7 @@ pub async fn run_in_own_task(
         tracing::warn!("{notice}");
     }
 
-    let status = response.status();
-    let stats = probe.stats.snapshot();
-    span.record("http.response.status_code", status.as_u16());
-    if status.is_server_error() {
-        span.record("otel.status_code", "ERROR");
-    }
-    span.record("wall_ms", stats.wall_ms);
-    span.record("polls", stats.polls);
-    span.record("busy_ms", stats.busy_ms);
-    span.record("longest_poll_ms", stats.longest_poll_ms);
-    span.record("sched_delay_ms", stats.sched_delay_ms);
-    if let Some(queued) = stats.queued_ms {
-        span.record("queued_ms", queued);
-    }
-    span.record("workers", stats.workers.join(", "));
+    record_outcome(&span, response.status(), &probe.stats);
 
     // W3C Trace Context level 2: tells the client which trace to look up.
     if let Some((trace_id, span_id)) = ids
@@ -160,6 +146,54 @@ pub async fn run_in_own_task(
         response.headers_mut().insert("traceresponse", value);
     }
     response
+}
+
+/// Records how the request went on its span, in **one** call: each
+/// `Span::record` is a trip through every layer of the subscriber (a span
+/// lookup per layer, then the OpenTelemetry layer's own bookkeeping), and
+/// there are nine fields. With no layer interested in the span (OTLP off) it
+/// does nothing, not even take the statistics' snapshot.
+fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
+    use tracing::field::Value;
+    let Some(meta) = span.metadata() else {
+        return;
+    };
+    let stats = stats.snapshot();
+    let fields = meta.fields();
+    let field = |name: &str| {
+        fields
+            .field(name)
+            .expect("declared by the request span above")
+    };
+    let keys = [
+        field("http.response.status_code"),
+        field("otel.status_code"),
+        field("wall_ms"),
+        field("polls"),
+        field("busy_ms"),
+        field("longest_poll_ms"),
+        field("sched_delay_ms"),
+        field("queued_ms"),
+        field("workers"),
+    ];
+    let code = u64::from(status.as_u16());
+    let error = status.is_server_error().then_some("ERROR");
+    let workers = stats.workers.join(", ");
+    let workers = workers.as_str();
+    let values: [Option<&dyn Value>; 9] = [
+        Some(&code),
+        error.as_ref().map(|e| e as &dyn Value),
+        Some(&stats.wall_ms),
+        Some(&stats.polls),
+        Some(&stats.busy_ms),
+        Some(&stats.longest_poll_ms),
+        Some(&stats.sched_delay_ms),
+        stats.queued_ms.as_ref().map(|q| q as &dyn Value),
+        Some(&workers),
+    ];
+    let pairs: [(&tracing::field::Field, Option<&dyn Value>); 9] =
+        std::array::from_fn(|i| (&keys[i], values[i]));
+    span.record_all(&fields.value_set(&pairs));
 }
 
 /// Decrements the in-flight gauge however the request ends.

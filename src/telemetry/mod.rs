@@ -1114,6 +1114,11 @@ pub fn span_ids(span: &tracing::Span) -> Option<(String, String)> {
 /// Call it right after creating the span, before it is entered (afterwards the
 /// OTel span has started and its parent can no longer change).
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &HeaderMap) {
+    // Most requests carry none: skip the global propagator (a lock and a
+    // context built from nothing) for them.
+    if span.is_disabled() || !headers.contains_key("traceparent") {
+        return;
+    }
     let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
