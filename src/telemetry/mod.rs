@@ -833,7 +833,7 @@ pub fn init_with_env(
             c.publish_interval.as_millis(),
             match cfg.console_task_budget {
                 0 => "no task budget: ~50 KB per task for the retention, use --no-console under load".to_string(),
-                n => format!("records at most {n} tasks per retention window"),
+                n => format!("records at most {n} tasks per retention window, telemetry.console_task_budget"),
             },
             server.addr
         ));
