@@ -241,8 +241,9 @@ impl<F: Future> Future for Measured<F> {
         {
             let place = crate::runtime::current_place();
             // The message starts with "held …" (the span event's name in
-            // Jaeger); the label field says who, for the logs.
+            // Jaeger). Not logged: the stall watcher logs the same stall.
             tracing::warn!(
+                target: crate::telemetry::SPAN_EVENT_ONLY,
                 poll_ms = ms(took),
                 task = &**label,
                 "held {place} for {:.0} ms without yielding",

@@ -943,7 +943,9 @@ pub fn init_with_env(
     // The fmt layer logs events only: recording every request span's fields
     // for log context would cost formatting on every request. Events that
     // matter name their request themselves.
-    let fmt_filter = fmt_filter.and(filter::filter_fn(|meta| meta.is_event()));
+    let fmt_filter = fmt_filter.and(filter::filter_fn(|meta| {
+        meta.is_event() && meta.target() != SPAN_EVENT_ONLY
+    }));
 
     // With export off there is no OpenTelemetry layer at all, so telemetry
     // off costs nothing per request; the price is no trace ids.
@@ -967,28 +969,18 @@ pub fn init_with_env(
             .with_filter(otel_filter)
     });
 
-    // A `Vec` of boxed layers rather than `Option` layers: an absent
-    // `Option` layer answers "always interested" for every callsite, which
-    // made the registry create every span in the process (tokio's
-    // `runtime.spawn` included) with all telemetry off.
-    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
-    if let (Some(console_layer), Some(budget)) = (console_layer, &console_budget) {
-        let filter = ConsoleFilter {
-            directives: console_directives,
-            budget: Arc::clone(budget),
-        };
-        layers.push(console_layer.with_filter(filter).boxed());
-    }
-    if let Some(otel_layer) = otel_layer {
-        layers.push(otel_layer.boxed());
-    }
-    layers.push(
-        // Logs on stderr; stdout carries only the `listening:` lines.
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(fmt_filter)
-            .boxed(),
-    );
+    let console_layer = match (console_layer, &console_budget) {
+        (Some(layer), Some(budget)) => Some(
+            layer
+                .with_filter(ConsoleFilter {
+                    directives: console_directives,
+                    budget: Arc::clone(budget),
+                })
+                .boxed(),
+        ),
+        _ => None,
+    };
+    let layers = stack(console_layer, otel_layer.map(Layer::boxed), fmt_filter);
     tracing_subscriber::registry().with(layers).try_init()?;
 
     // Inbound/outbound W3C traceparent.
@@ -1003,6 +995,32 @@ pub fn init_with_env(
         console_budget,
         lines,
     })
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The target of events meant for their span in Jaeger, not for the logs:
+/// the request's "held worker N for X ms" event, whose stall the watcher
+/// already logs ("stall in progress", "stall over").
+pub const SPAN_EVENT_ONLY: &str = "stall_lab::span_event";
+
+/// The subscriber's layers, the switched-off ones left out.
+///
+/// A `Vec` of boxed layers rather than `Option` layers: an absent `Option`
+/// layer answers "always interested" for every callsite, so with it the
+/// registry created every span in the process (tokio's per-task
+/// `runtime.spawn` spans and every request span) with all telemetry off.
+fn stack(
+    console: Option<BoxedLayer>,
+    otel: Option<BoxedLayer>,
+    fmt_filter: impl tracing_subscriber::layer::Filter<Registry> + Send + Sync + 'static,
+) -> Vec<BoxedLayer> {
+    let fmt: BoxedLayer = tracing_subscriber::fmt::layer()
+        // Logs on stderr; stdout carries only the `listening:` lines.
+        .with_writer(std::io::stderr)
+        .with_filter(fmt_filter)
+        .boxed();
+    console.into_iter().chain(otel).chain([fmt]).collect()
 }
 
 /// Resource: ours first, then `OTEL_RESOURCE_ATTRIBUTES` (the env wins on
@@ -1154,6 +1172,18 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn with_every_exporter_off_no_span_is_created() {
+        // The fmt layer as init builds it (events only), at its most verbose.
+        let fmt_filter = EnvFilter::new("trace").and(filter::filter_fn(|m| m.is_event()));
+        let subscriber = tracing_subscriber::registry().with(stack(None, None, fmt_filter));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::info_span!("request").is_disabled());
+            assert!(tracing::trace_span!(target: "tokio::task", "runtime.spawn").is_disabled());
+            assert!(tracing::event_enabled!(tracing::Level::INFO));
+        });
     }
 
     #[test]

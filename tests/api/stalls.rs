@@ -306,4 +306,8 @@ async fn the_stall_span_is_exported_and_linked_to_its_culprit() {
         "culprit events: {:?}",
         culprit.events
     );
+    // That event is for Jaeger; the logs tell the stall through the watcher.
+    let logs = app.logs();
+    assert!(logs.contains("stall in progress"), "{logs}");
+    assert!(!logs.contains("without yielding"), "{logs}");
 }
