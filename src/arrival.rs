@@ -133,7 +133,9 @@ impl AsyncRead for ArrivalStream {
             ready!(this.inner.poll_read_ready(cx))?;
             let fd = this.inner.as_raw_fd();
             let unfilled = buf.initialize_unfilled();
+            let wanted = unfilled.len();
             let mut cmsg = [0u8; CMSG_SPACE];
+            let mut short_read = None;
             let read = this.inner.try_io(Interest::READABLE, || {
                 let mut iov = [io::IoSliceMut::new(&mut *unfilled)];
                 let msg = socket::recvmsg::<SockaddrStorage>(
@@ -151,8 +153,23 @@ impl AsyncRead for ArrivalStream {
                         }
                     }
                 }
+                if msg.bytes > 0 && msg.bytes < wanted {
+                    // A short read drained the socket, so the next read
+                    // would only find EAGAIN: one wasted syscall per
+                    // request. tokio's own TcpStream clears readiness here;
+                    // `try_io` only does so on WouldBlock, so say that and
+                    // keep the bytes aside. (Readiness that arrived after
+                    // our read is not lost: tokio only clears the readiness
+                    // event this read started from.)
+                    short_read = Some((msg.bytes, stamp));
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
                 Ok((msg.bytes, stamp))
             });
+            let read = match (read, short_read) {
+                (_, Some(got)) => Ok(got),
+                (read, None) => read,
+            };
             match read {
                 Ok((n, stamp)) => {
                     if let Some(ts) = stamp {
@@ -198,5 +215,42 @@ impl AsyncWrite for ArrivalStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A short read clears readiness (to save the EAGAIN read); bytes that
+    /// arrive afterwards must still wake the reader.
+    #[tokio::test]
+    async fn bytes_arriving_after_a_short_read_are_still_read() {
+        let mut listener =
+            ArrivalListener::new(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+        let addr = listener.inner.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            c.write_all(b"GET /").await.expect("write");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.write_all(b"healthz").await.expect("write");
+            c
+        });
+        let (mut stream, arrival) = listener.accept().await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while got.len() < 12 {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the second write must wake the reader")
+                .expect("read");
+            assert!(n > 0, "unexpected EOF after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET /healthz");
+        assert!(arrival.age().is_some(), "the kernel stamped the bytes");
+        drop(client.await);
     }
 }
