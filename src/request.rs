@@ -155,6 +155,10 @@ pub async fn run_in_own_task(
 /// does nothing, not even take the statistics' snapshot.
 fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
     use tracing::field::Value;
+    // (A disabled span still has its metadata: check `is_disabled` first.)
+    if span.is_disabled() {
+        return;
+    }
     let Some(meta) = span.metadata() else {
         return;
     };
