@@ -966,6 +966,10 @@ pub fn init_with_env(
             // tracing span tree, and outbound propagation uses
             // `Span::context()`.
             .with_context_activation(false)
+            // `target` repeats `code.namespace`; the location (file and
+            // line of the span) stays: it points a learner at the code
+            // that blocked.
+            .with_target(false)
             .with_filter(otel_filter)
     });
 

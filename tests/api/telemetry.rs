@@ -136,13 +136,16 @@ async fn request_spans_carry_semantics_and_poll_statistics(protocol: &'static st
 
     // Nothing of tokio's or the exporter's own: every span comes from
     // stall-lab's own code (the stall watcher's `executor.stall` spans are
-    // built with the OpenTelemetry API directly, without a tracing target).
+    // built with the OpenTelemetry API directly, without a code location).
     for span in spans.iter().filter(|s| s.name != "executor.stall") {
         assert!(!span.name.starts_with("runtime."), "exported {span:?}");
-        let target = span.attributes.get("target").map_or("", String::as_str);
+        let module = span
+            .attributes
+            .get("code.module.name")
+            .map_or("", String::as_str);
         assert!(
-            target.starts_with("stall_lab"),
-            "exported a span of {target}: {span:?}"
+            module.starts_with("stall_lab"),
+            "exported a span of {module}: {span:?}"
         );
     }
 }
