@@ -233,23 +233,33 @@ fn http_receiver(store: SpanStore) -> axum::Router {
     )
 }
 
-/// Connects to a tokio-console server and returns the names of the tasks it
-/// reports, reading updates until `done(names so far)` is true or `timeout`
-/// passes. Names arrive as the `task.name` field of each new task
-/// (`Field { name: StrName("task.name"), value: DebugVal/StrVal }`); tokio
-/// records an empty name for unnamed tasks, which are skipped. A task spawned
-/// just before the watch starts may only appear in a *later* update (the
-/// aggregator hasn't drained its event buffer yet), hence the loop.
-pub async fn console_tasks(
+/// What a tokio-console client has seen so far.
+#[derive(Debug, Default)]
+pub struct ConsoleView {
+    /// Names of the named tasks (tokio records an empty name for unnamed
+    /// tasks; those are skipped).
+    pub tasks: Vec<String>,
+    /// The source file where each resource (timer, semaphore, channel...)
+    /// was created.
+    pub resource_files: Vec<String>,
+}
+
+/// Connects to a tokio-console server and collects the tasks and resources
+/// it reports, reading updates until `done(view so far)` is true or
+/// `timeout` passes. Names arrive as the `task.name` field of each new task
+/// (`Field { name: StrName("task.name"), value: DebugVal/StrVal }`). A task
+/// spawned just before the watch starts may only appear in a *later* update
+/// (the aggregator hasn't drained its event buffer yet), hence the loop.
+pub async fn console_view(
     addr: SocketAddr,
-    done: impl Fn(&[String]) -> bool,
+    done: impl Fn(&ConsoleView) -> bool,
     timeout: Duration,
-) -> Vec<String> {
+) -> ConsoleView {
     use console_api::field::{Name, Value};
     use console_api::instrument::InstrumentRequest;
     use console_api::instrument::instrument_client::InstrumentClient;
 
-    let mut names: Vec<String> = Vec::new();
+    let mut view = ConsoleView::default();
     let attempt = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
@@ -263,27 +273,46 @@ pub async fn console_tasks(
             .ok()?
             .into_inner();
         while let Some(update) = stream.message().await.ok()? {
-            let Some(tasks) = update.task_update else {
-                continue;
-            };
-            names.extend(
-                tasks
-                    .new_tasks
-                    .iter()
-                    .flat_map(|t| t.fields.iter())
-                    .filter(|f| matches!(&f.name, Some(Name::StrName(n)) if n == "task.name"))
-                    .filter_map(|f| match &f.value {
-                        Some(Value::StrVal(s)) | Some(Value::DebugVal(s)) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .filter(|n| !n.is_empty()),
-            );
-            if done(&names) {
+            if let Some(tasks) = update.task_update {
+                view.tasks.extend(
+                    tasks
+                        .new_tasks
+                        .iter()
+                        .flat_map(|t| t.fields.iter())
+                        .filter(|f| matches!(&f.name, Some(Name::StrName(n)) if n == "task.name"))
+                        .filter_map(|f| match &f.value {
+                            Some(Value::StrVal(s)) | Some(Value::DebugVal(s)) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .filter(|n| !n.is_empty()),
+                );
+            }
+            if let Some(resources) = update.resource_update {
+                view.resource_files.extend(
+                    resources
+                        .new_resources
+                        .iter()
+                        .filter_map(|r| r.location.as_ref()?.file.clone()),
+                );
+            }
+            if done(&view) {
                 return Some(());
             }
         }
         None
     };
     let _ = tokio::time::timeout(timeout, attempt).await;
-    names
+    view
+}
+
+/// The names of the tasks a tokio-console server reports: [`console_view`]
+/// until `done(names so far)`.
+pub async fn console_tasks(
+    addr: SocketAddr,
+    done: impl Fn(&[String]) -> bool,
+    timeout: Duration,
+) -> Vec<String> {
+    console_view(addr, |view| done(&view.tasks), timeout)
+        .await
+        .tasks
 }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::{TestApp, spawn_app};
-use crate::otlp_support::{Receiver, RecordedSpan, console_tasks};
+use crate::otlp_support::{ConsoleView, Receiver, RecordedSpan, console_tasks, console_view};
 
 const SPAN_WAIT: Duration = Duration::from_secs(10);
 
@@ -228,19 +228,36 @@ async fn tokio_console_shows_a_task_named_after_the_route() {
     blocked.await.unwrap().unwrap();
 }
 
-/// Fires 20 `/healthz` and returns how many `GET /healthz` tasks the console
-/// reports (waiting up to 3 s for all 20) and the `/debug/runtime` document.
-async fn console_sees_healthz_tasks(app: &TestApp) -> (usize, serde_json::Value) {
+/// Fires 20 `/healthz` and 20 `/coop/sleep`, and returns how many
+/// `GET /healthz` tasks and how many `/coop/sleep` timers the console
+/// reports (waiting up to 3 s for all of them), and `/debug/runtime`.
+async fn console_sees(app: &TestApp) -> (usize, usize, serde_json::Value) {
     for _ in 0..20 {
         app.get_json("/healthz").await;
+        app.get_json("/coop/sleep?ms=1").await;
     }
     let console: std::net::SocketAddr = app.listeners["console"]
         .trim_start_matches("http://")
         .parse()
         .unwrap();
-    let healthz = |names: &[String]| names.iter().filter(|n| *n == "GET /healthz").count();
-    let seen = console_tasks(console, |n| healthz(n) >= 20, Duration::from_secs(3)).await;
-    (healthz(&seen), app.admin_json("/debug/runtime").await)
+    let healthz = |v: &ConsoleView| v.tasks.iter().filter(|n| *n == "GET /healthz").count();
+    let timers = |v: &ConsoleView| {
+        v.resource_files
+            .iter()
+            .filter(|f| f.ends_with("coop_sleep.rs"))
+            .count()
+    };
+    let view = console_view(
+        console,
+        |v| healthz(v) >= 20 && timers(v) >= 20,
+        Duration::from_secs(3),
+    )
+    .await;
+    (
+        healthz(&view),
+        timers(&view),
+        app.admin_json("/debug/runtime").await,
+    )
 }
 
 #[tokio::test]
@@ -248,16 +265,19 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
     const NOTICE: &str = "tokio-console: task budget used up";
     let fast_publish = ("TOKIO_CONSOLE_PUBLISH_INTERVAL", "100ms");
 
-    // The default budget (2000 per 10 minutes): every request is in the console.
+    // The default budget (2000 per 10 minutes): every request is in the
+    // console, and so is the timer each /coop/sleep created.
     let app = spawn_app(&[], &[fast_publish]);
-    let (seen, runtime) = console_sees_healthz_tasks(&app).await;
-    assert_eq!(seen, 20, "{runtime}");
+    let (tasks, timers, runtime) = console_sees(&app).await;
+    // (The harness's own readiness check may add a /healthz.)
+    assert!(tasks >= 20 && timers == 20, "{tasks} {timers} {runtime}");
     assert_eq!(runtime["console"]["task_budget"], 2000);
     assert_eq!(runtime["console"]["tasks_not_recorded"], 0, "{runtime}");
     assert!(!app.logs().contains(NOTICE));
 
     // A budget of 5 per 10 minutes (one more every 2 minutes): startup's
-    // own tasks and the first requests spend it, the rest are left out.
+    // own tasks and the first requests spend it, the rest are left out,
+    // with the timers they create.
     let app = spawn_app(
         &[],
         &[
@@ -265,14 +285,15 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
             ("STALL_LAB__TELEMETRY__CONSOLE_TASK_BUDGET", "5"),
         ],
     );
-    let (seen, runtime) = console_sees_healthz_tasks(&app).await;
+    let (tasks, timers, runtime) = console_sees(&app).await;
     let console = &runtime["console"];
-    assert!(seen <= 5, "console saw {seen} GET /healthz tasks");
+    assert!(tasks <= 5, "console saw {tasks} GET /healthz tasks");
+    assert!(timers <= 5, "console saw {timers} /coop/sleep timers");
     assert_eq!(console["task_budget"], 5);
     assert_eq!(console["tasks_recorded"], 5, "{runtime}");
-    // 20 request tasks and a connection, minus what the budget allowed.
+    // 40 request tasks and a connection, minus what the budget allowed.
     assert!(
-        console["tasks_not_recorded"].as_u64().unwrap() >= 16,
+        console["tasks_not_recorded"].as_u64().unwrap() >= 36,
         "{runtime}"
     );
     // Serving was unaffected, and the budget running out was said once.
