@@ -186,7 +186,7 @@ impl ConsoleBudget {
 }
 
 /// The console layer's filter: `tokio=trace,runtime=trace`, plus the budget
-/// on task spans.
+/// on task spans, and resources recorded only inside recorded tasks.
 pub struct ConsoleFilter {
     pub directives: EnvFilter,
     pub budget: std::sync::Arc<ConsoleBudget>,
