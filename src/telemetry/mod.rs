@@ -352,24 +352,29 @@ pub fn resolve_console(
         }
         None => (cfg.console_listen, false),
     };
-    let retention = match env_nonempty(env, "TOKIO_CONSOLE_RETENTION") {
-        Some(v) => {
-            parse_duration(&v, Duration::from_secs(1)).ok_or_else(|| TelemetryError::Config {
-                key: "TOKIO_CONSOLE_RETENTION",
-                message: format!("{v:?} is not a duration (e.g. 600, 600s, 10m)"),
-            })?
-        }
-        None => Duration::from_secs(cfg.console_retention_secs),
-    };
-    let publish_interval = match env_nonempty(env, "TOKIO_CONSOLE_PUBLISH_INTERVAL") {
-        Some(v) => {
-            parse_duration(&v, Duration::from_millis(1)).ok_or_else(|| TelemetryError::Config {
-                key: "TOKIO_CONSOLE_PUBLISH_INTERVAL",
-                message: format!("{v:?} is not a duration (e.g. 1000, 1000ms, 1s)"),
-            })?
-        }
-        None => Duration::from_millis(cfg.console_publish_interval_ms),
-    };
+    // `key` overrides `configured`; a bare number is in `bare_unit`.
+    let duration =
+        |key: &'static str, bare_unit: Duration, examples: &str, configured| match env_nonempty(
+            env, key,
+        ) {
+            Some(v) => parse_duration(&v, bare_unit).ok_or_else(|| TelemetryError::Config {
+                key,
+                message: format!("{v:?} is not a duration (e.g. {examples})"),
+            }),
+            None => Ok(configured),
+        };
+    let retention = duration(
+        "TOKIO_CONSOLE_RETENTION",
+        Duration::from_secs(1),
+        "600, 600s, 10m",
+        Duration::from_secs(cfg.console_retention_secs),
+    )?;
+    let publish_interval = duration(
+        "TOKIO_CONSOLE_PUBLISH_INTERVAL",
+        Duration::from_millis(1),
+        "1000, 1000ms, 1s",
+        Duration::from_millis(cfg.console_publish_interval_ms),
+    )?;
     Ok(ResolvedConsole {
         listen,
         listen_from_env,
@@ -425,11 +430,15 @@ const OTLP_DENY_CRATES: &[&str] = &[
 ];
 
 fn otlp_allowed(meta: &tracing::Metadata<'_>) -> bool {
-    // A `char` pattern (a byte search), not `"::"` (a substring searcher):
-    // with the console's budget, tokio's spawn callsite is asked on every
-    // spawn, and so is this filter.
-    let krate = meta.target().split(':').next().unwrap_or_default();
-    !meta.name().starts_with("runtime.") && !OTLP_DENY_CRATES.contains(&krate)
+    !meta.name().starts_with("runtime.") && !OTLP_DENY_CRATES.contains(&crate_of(meta.target()))
+}
+
+/// The crate segment of a target: `tower` for `tower::buffer`. Split on a
+/// `char` (a byte search), not on `"::"` (a substring searcher): with the
+/// console's budget, tokio's spawn callsite is asked on every spawn, and so
+/// is [`otlp_allowed`].
+fn crate_of(target: &str) -> &str {
+    target.split(':').next().unwrap_or_default()
 }
 
 /// The log filter `init` resolved, for [`side_thread_subscriber`].
@@ -829,6 +838,12 @@ pub fn init_with_env(
         let c = resolve_console(cfg, env)?;
         let (layer, server) = start_console(&c)?;
         let budget = Arc::new(ConsoleBudget::new(cfg.console_task_budget, c.retention));
+        let layer = layer
+            .with_filter(ConsoleFilter {
+                directives: EnvFilter::new("tokio=trace,runtime=trace"),
+                budget: Arc::clone(&budget),
+            })
+            .boxed();
         lines.push(format!(
             "tokio-console: listening on {} (retention {} s, publish every {} ms, {}) - run `tokio-console http://{}`",
             server.addr,
@@ -935,13 +950,13 @@ pub fn init_with_env(
         Some((layer, server, budget)) => (Some(layer), Some(server), Some(budget)),
         None => (None, None, None),
     };
-    // Static filters only. A filter that answers differently per thread (to
-    // hide some threads' tasks from the console) makes every callsite in the
-    // process "sometimes" interesting, so every disabled `trace!` in hyper or
-    // tokio gets evaluated on every call: measured at several times the
-    // per-request cost. Side threads that must stay out of the console
-    // install `side_thread_subscriber()` instead.
-    let console_directives = EnvFilter::new("tokio=trace,runtime=trace");
+    // Static filters (one answer per callsite, cached), except the console
+    // budget's on tokio's task and resource spans. A filter that answers
+    // differently per thread (to hide some threads' tasks from the console)
+    // would make every callsite in the process "sometimes" interesting, so
+    // every disabled `trace!` in hyper or tokio gets evaluated on every call:
+    // measured at several times the per-request cost. Side threads that must
+    // stay out of the console install `side_thread_subscriber()` instead.
     let otel_filter = filter::filter_fn(otlp_allowed).and(otlp_level);
     // The fmt layer logs events only: recording every request span's fields
     // for log context would cost formatting on every request. Events that
@@ -969,24 +984,13 @@ pub fn init_with_env(
             // tracing span tree, and outbound propagation uses
             // `Span::context()`.
             .with_context_activation(false)
-            // `target` repeats `code.namespace`; the location (file and
+            // `target` repeats `code.module.name`; the location (file and
             // line of the span) stays: it points a learner at the code
             // that blocked.
             .with_target(false)
             .with_filter(otel_filter)
     });
 
-    let console_layer = match (console_layer, &console_budget) {
-        (Some(layer), Some(budget)) => Some(
-            layer
-                .with_filter(ConsoleFilter {
-                    directives: console_directives,
-                    budget: Arc::clone(budget),
-                })
-                .boxed(),
-        ),
-        _ => None,
-    };
     let layers = stack(console_layer, otel_layer.map(Layer::boxed), fmt_filter);
     tracing_subscriber::registry().with(layers).try_init()?;
 
@@ -1313,8 +1317,11 @@ mod tests {
             ("h2::codec", false),
             ("opentelemetry-otlp", false),
         ] {
-            let krate = target.split("::").next().unwrap();
-            assert_eq!(!OTLP_DENY_CRATES.contains(&krate), ok, "{target}");
+            assert_eq!(
+                !OTLP_DENY_CRATES.contains(&crate_of(target)),
+                ok,
+                "{target}"
+            );
         }
         assert_eq!(fmt_filter_string("info"), "info,opentelemetry=off");
         assert_eq!(
