@@ -157,8 +157,9 @@ pub async fn run(
     grace: Duration,
 ) -> std::io::Result<()> {
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let in_flight = state.clone();
-    let in_flight_at_start = state.clone();
+    // For the shutdown log: how many requests were in flight.
+    let at_grace_start = state.clone();
+    let at_grace_end = state.clone();
     let listener = crate::arrival::ArrivalListener::new(listener);
     let app = app(state).into_make_service_with_connect_info::<crate::arrival::Arrival>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -168,7 +169,7 @@ pub async fn run(
     // Starts counting only once shutdown has begun.
     let grace_expired = async move {
         let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        let waiting = in_flight_at_start.in_flight.load(Ordering::Relaxed);
+        let waiting = at_grace_start.in_flight.load(Ordering::Relaxed);
         if waiting > 0 {
             tracing::info!(
                 "waiting up to {} ms for {waiting} request(s) in flight",
@@ -186,7 +187,7 @@ pub async fn run(
             tracing::warn!(
                 "shutdown grace of {} ms (server.shutdown_grace_ms) elapsed with {} request(s) still in flight; exiting anyway",
                 grace.as_millis(),
-                in_flight.in_flight.load(Ordering::Relaxed)
+                at_grace_end.in_flight.load(Ordering::Relaxed)
             );
             Ok(())
         }
