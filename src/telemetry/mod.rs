@@ -24,10 +24,12 @@
 //!   [`init`] instead of a panic in a background thread, and port 0 works.
 //! * With OTLP export off there is no OpenTelemetry layer at all: telemetry
 //!   off means no per-request tracing cost (and no trace ids).
-//! * Every filter is static (per callsite). A per-thread dynamic filter would
-//!   make every callsite "sometimes" interesting and cost on every disabled
-//!   `trace!` in the process; side threads that must stay quiet install
-//!   [`side_thread_subscriber`] instead.
+//! * Every filter is static (per callsite), except the console's on tokio's
+//!   task and resource spans, where [`console_budget`] decides per span. A
+//!   per-thread dynamic filter would make every callsite "sometimes"
+//!   interesting and cost on every disabled `trace!` in the process; side
+//!   threads that must stay quiet install [`side_thread_subscriber`]
+//!   instead.
 //! * [`Telemetry::shutdown`] is bounded: it never waits longer than its timeout
 //!   (plus a small margin), even when the collector is gone.
 
