@@ -33,6 +33,12 @@ WORKDIR /app
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
 
+# The slim toolchain image has gcc but not make, which tikv-jemalloc-sys needs
+# to build jemalloc (the binary's allocator) from source.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
+
 # Cargo refuses to read a manifest whose declared targets point at missing
 # files, so each target in Cargo.toml gets a stub: the lib, the binary and
 # the overhead bench (the bench is never built here, it only has to exist).

@@ -62,6 +62,12 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The allocator stall-lab's binary uses (see `src/bin/stall-lab.rs`), so
+/// that the bare axum server differs from stall-lab by the instrumentation
+/// only, not by its allocator.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Set in the child environment to run this binary as the bare axum server.
 const BARE_SERVER_ENV: &str = "OVERHEAD_BARE_SERVER";
 /// The real server, built by cargo for benches and integration tests.
