@@ -61,8 +61,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
 
 pub mod console_budget;
-use console_budget::ConsoleFilter;
 pub use console_budget::{BudgetSnapshot, ConsoleBudget};
+use console_budget::{ConsoleFilter, ConsoleGate};
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 pub const SERVICE_NAME: &str = "stall-lab";
@@ -994,7 +994,11 @@ pub fn init_with_env(
     });
 
     let layers = stack(console_layer, otel_layer.map(Layer::boxed), fmt_filter);
-    tracing_subscriber::registry().with(layers).try_init()?;
+    ConsoleGate::new(
+        tracing_subscriber::registry().with(layers),
+        console_budget.clone(),
+    )
+    .try_init()?;
 
     // Inbound/outbound W3C traceparent.
     global::set_text_map_propagator(TraceContextPropagator::new());
@@ -1196,6 +1200,72 @@ mod tests {
             assert!(tracing::info_span!("request").is_disabled());
             assert!(tracing::trace_span!(target: "tokio::task", "runtime.spawn").is_disabled());
             assert!(tracing::event_enabled!(tracing::Level::INFO));
+        });
+    }
+
+    /// A task the console's budget refuses has no span at all, for any
+    /// layer: tokio then attaches no id to it and traces none of its polls
+    /// and wakes. Resources follow their task into the console. The gate
+    /// must not wake any other callsite up.
+    #[test]
+    fn a_task_the_console_budget_refuses_has_no_span() {
+        use std::sync::Mutex;
+        /// Stands in for the console layer: notes the spans it is given.
+        struct Seen(Arc<Mutex<Vec<&'static str>>>);
+        impl<S: tracing::Subscriber> Layer<S> for Seen {
+            fn on_new_span(
+                &self,
+                attrs: &tracing::span::Attributes<'_>,
+                _: &tracing::span::Id,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.lock().unwrap().push(attrs.metadata().name());
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let budget = Arc::new(ConsoleBudget::new(2, Duration::from_secs(600)));
+        let console: BoxedLayer = Seen(Arc::clone(&seen))
+            .with_filter(ConsoleFilter {
+                directives: EnvFilter::new("tokio=trace,runtime=trace"),
+                budget: Arc::clone(&budget),
+            })
+            .boxed();
+        let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
+        let layers = stack(Some(console), None, fmt_filter);
+        let subscriber = ConsoleGate::new(
+            tracing_subscriber::registry().with(layers),
+            Some(budget.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let task =
+                || tracing::trace_span!(target: "tokio::task", "runtime.spawn", kind = "task");
+            let resource = || tracing::trace_span!(target: "runtime::resource", "runtime.resource");
+
+            let recorded = task();
+            assert!(!recorded.is_disabled(), "the budget's first task");
+            recorded.in_scope(|| drop(resource()));
+            drop(resource());
+            assert!(!task().is_disabled(), "the budget's second task");
+            assert!(task().is_disabled(), "a task over the budget has no span");
+            assert_eq!(budget.snapshot().tasks_not_recorded, 1);
+            assert_eq!(
+                *seen.lock().unwrap(),
+                ["runtime.spawn", "runtime.resource", "runtime.spawn"],
+                "the console records the two tasks and the timer of the first"
+            );
+
+            assert!(
+                !tracing::event_enabled!(target: "hyper::proto::h1::conn", tracing::Level::TRACE),
+                "a disabled trace! elsewhere stays disabled"
+            );
+            assert!(
+                tracing::event_enabled!(tracing::Level::INFO),
+                "logs still flow"
+            );
+            assert!(
+                tracing::info_span!("request").is_disabled(),
+                "no span for a layer that is off"
+            );
         });
     }
 
