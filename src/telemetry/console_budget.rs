@@ -28,7 +28,8 @@
 //! request task still had a span, and its wakes and polls cost the console
 //! layer 1.8 µs per `/healthz`. So the budget is spent by [`ConsoleGate`], a
 //! wrapper around the whole subscriber that answers "disabled" for a refused
-//! task before any layer is asked. Only the console ever wants these spans
+//! task before any layer is asked; the console layer's own filter is a
+//! static `tokio=trace,runtime=trace`. Only the console ever wants these spans
 //! (the OpenTelemetry layer drops `runtime.*`, the logs take events only).
 //!
 //! The resources a task creates (a `Sleep`, a oneshot, a semaphore: tokio's
@@ -36,12 +37,12 @@
 //! console too, ~1.3 KB each (measured: `wrk` on `/coop/sleep` grew the
 //! process by 45 MB per 34k requests with only the tasks budgeted). They
 //! follow their task: one is recorded only if it is created while the
-//! console is recording something, i.e. inside a recorded task (the task's
-//! span is entered while it is polled). That rule needs the console layer's
-//! own view of the span stack, so it stays a per-layer filter: a refused
-//! resource is not recorded (no memory), but its span is still created.
+//! console is recording something: inside a recorded task (by tokio's task
+//! id), or outside any task (`block_on`). Inside a refused task the resource
+//! gets no span either.
 
 use std::any::TypeId;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,10 +51,7 @@ use serde::Serialize;
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Metadata, Subscriber, span};
 use tracing_core::span::Current;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::layer::{Context, Filter};
-use tracing_subscriber::registry::LookupSpan;
 
 /// The span tokio creates for every task it spawns (also `spawn_blocking`
 /// and `block_on`, with another `kind`).
@@ -71,8 +69,8 @@ fn is_resource_span(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.name().starts_with("runtime.resource")
 }
 
-/// The budget and its counters. Shared by the console layer's filter (which
-/// spends it) and the places that report on it.
+/// The budget and its counters. Shared by [`ConsoleGate`] (which spends it)
+/// and the places that report on it.
 #[derive(Debug)]
 pub struct ConsoleBudget {
     /// Tasks per retention window; 0 means no limit.
@@ -196,79 +194,100 @@ impl ConsoleBudget {
     }
 }
 
-/// The console layer's filter: `tokio=trace,runtime=trace`, and resources
-/// recorded only inside recorded tasks. (The budget on tasks is spent by
-/// [`ConsoleGate`], before this filter is asked.)
-pub struct ConsoleFilter {
-    pub directives: EnvFilter,
-    pub budget: Arc<ConsoleBudget>,
-}
-
-impl<S> Filter<S> for ConsoleFilter
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn enabled(&self, meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
-        if !Filter::<S>::enabled(&self.directives, meta, cx) {
-            return false;
-        }
-        if !self.budget.limited() {
-            return true;
-        }
-        if is_resource_span(meta) {
-            // `cx` only sees spans this layer recorded: inside a recorded
-            // task, its span is current. Inside a refused one, the current
-            // span is the worker thread's own: tokio runs each worker as a
-            // blocking task, entered for the thread's whole life.
-            cx.lookup_current()
-                .is_some_and(|span| span.metadata().target() != BLOCKING_TASK_TARGET)
-        } else {
-            true
-        }
-    }
-
-    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
-        let interest = Filter::<S>::callsite_enabled(&self.directives, meta);
-        // Only the resource callsites are asked per call (and, through the
-        // gate, the task callsite); every other callsite keeps its cached
-        // interest, so the budget costs nothing elsewhere.
-        if is_resource_span(meta) && self.budget.limited() && !interest.is_never() {
-            Interest::sometimes()
-        } else {
-            interest
-        }
-    }
-
-    fn max_level_hint(&self) -> Option<LevelFilter> {
-        Filter::<S>::max_level_hint(&self.directives)
-    }
-}
-
-/// The whole subscriber, with the console budget in front of it: a task
-/// span the budget refuses is disabled before any layer is asked, so it is
-/// never created (see the module doc for why a per-layer filter cannot do
-/// this). Everything else is passed through untouched.
+/// The whole subscriber, with the console's budget in front of it.
+///
+/// - A task span the budget refuses is disabled before any layer is asked,
+///   so it is never created (see the module doc for why a per-layer filter
+///   cannot do this).
+/// - A resource span is enabled only inside a task the console records, or
+///   outside any task (`block_on`): inside a refused task it is not created
+///   either.
+///
+/// Everything else passes through untouched.
 pub struct ConsoleGate<S> {
     inner: S,
     /// The budget, when the console is on and it is limited.
     budget: Option<Arc<ConsoleBudget>>,
+    recorded: Mutex<Recorded>,
+}
+
+/// The tasks the console records, by tokio task id (the `task.id` field of
+/// their span), and which span is which task's, to forget a task when its
+/// span closes. Blocking tasks are left out: tokio runs each worker thread
+/// as one, so being "inside" one says nothing.
+#[derive(Default)]
+struct Recorded {
+    tasks: HashSet<u64>,
+    by_span: HashMap<span::Id, u64>,
 }
 
 impl<S> ConsoleGate<S> {
     pub fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
         let budget = budget.filter(|b| b.limited());
-        Self { inner, budget }
+        Self {
+            inner,
+            budget,
+            recorded: Mutex::new(Recorded::default()),
+        }
     }
 
     fn gates(&self, meta: &Metadata<'_>) -> bool {
-        self.budget.is_some() && is_task_span(meta)
+        self.budget.is_some() && (is_task_span(meta) || is_resource_span(meta))
     }
+
+    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a resource created here belongs to a task the console records.
+    fn in_recorded_task(&self) -> bool {
+        match tokio::task::try_id() {
+            Some(id) => task_number(id).is_some_and(|n| self.recorded().tasks.contains(&n)),
+            // Not in a task: `block_on`, or a thread of its own.
+            None => true,
+        }
+    }
+}
+
+/// A tokio task id as the number its `runtime.spawn` span records as
+/// `task.id`. `tokio::task::Id` has no public integer accessor; its
+/// `Display` is that number.
+fn task_number(id: tokio::task::Id) -> Option<u64> {
+    use std::fmt::Write;
+    /// Parses digits as they are written, without allocating.
+    struct Digits(Option<u64>);
+    impl Write for Digits {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for b in s.bytes() {
+                self.0 = self.0.and_then(|n| {
+                    let digit = char::from(b).to_digit(10)?;
+                    n.checked_mul(10)?.checked_add(u64::from(digit))
+                });
+            }
+            Ok(())
+        }
+    }
+    let mut digits = Digits(Some(0));
+    write!(digits, "{id}").ok()?;
+    digits.0
+}
+
+/// Reads the `task.id` field of a `runtime.spawn` span.
+struct TaskIdField(Option<u64>);
+
+impl tracing::field::Visit for TaskIdField {
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "task.id" {
+            self.0 = Some(value);
+        }
+    }
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
 }
 
 impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
         let interest = self.inner.register_callsite(meta);
-        // The task callsite is decided per task, so it must be asked per call.
+        // Decided per span, so they must be asked per call.
         if self.gates(meta) && interest.is_always() {
             Interest::sometimes()
         } else {
@@ -277,15 +296,45 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     }
 
     fn enabled(&self, meta: &Metadata<'_>) -> bool {
-        // The budget first: refusing *after* the layers' filters had run
-        // would leave their per-call verdicts behind for the next callsite.
-        if let Some(budget) = &self.budget
-            && is_task_span(meta)
-            && !budget.admit_at(Instant::now())
-        {
-            return false;
+        // Decided before the layers' filters run: refusing *after* them would
+        // leave their per-call verdicts behind for the next callsite.
+        if let Some(budget) = &self.budget {
+            let refused = if is_task_span(meta) {
+                !budget.admit_at(Instant::now())
+            } else {
+                is_resource_span(meta) && !self.in_recorded_task()
+            };
+            if refused {
+                return false;
+            }
         }
         self.inner.enabled(meta)
+    }
+
+    fn new_span(&self, attrs: &span::Attributes<'_>) -> span::Id {
+        let id = self.inner.new_span(attrs);
+        let meta = attrs.metadata();
+        if self.budget.is_some() && is_task_span(meta) && meta.target() != BLOCKING_TASK_TARGET {
+            let mut task = TaskIdField(None);
+            attrs.record(&mut task);
+            if let Some(task) = task.0 {
+                let mut recorded = self.recorded();
+                recorded.tasks.insert(task);
+                recorded.by_span.insert(id.clone(), task);
+            }
+        }
+        id
+    }
+
+    fn try_close(&self, id: span::Id) -> bool {
+        let closed = self.inner.try_close(id.clone());
+        if closed && self.budget.is_some() {
+            let mut recorded = self.recorded();
+            if let Some(task) = recorded.by_span.remove(&id) {
+                recorded.tasks.remove(&task);
+            }
+        }
+        closed
     }
 
     // The rest passes through.
@@ -294,9 +343,6 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     }
     fn max_level_hint(&self) -> Option<LevelFilter> {
         self.inner.max_level_hint()
-    }
-    fn new_span(&self, attrs: &span::Attributes<'_>) -> span::Id {
-        self.inner.new_span(attrs)
     }
     fn record(&self, span: &span::Id, values: &span::Record<'_>) {
         self.inner.record(span, values);
@@ -322,9 +368,6 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     #[allow(deprecated)]
     fn drop_span(&self, id: span::Id) {
         self.inner.drop_span(id);
-    }
-    fn try_close(&self, id: span::Id) -> bool {
-        self.inner.try_close(id)
     }
     fn current_span(&self) -> Current {
         self.inner.current_span()

@@ -61,8 +61,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
 
 pub mod console_budget;
+use console_budget::ConsoleGate;
 pub use console_budget::{BudgetSnapshot, ConsoleBudget};
-use console_budget::{ConsoleFilter, ConsoleGate};
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 pub const SERVICE_NAME: &str = "stall-lab";
@@ -841,10 +841,9 @@ pub fn init_with_env(
         let (layer, server) = start_console(&c)?;
         let budget = Arc::new(ConsoleBudget::new(cfg.console_task_budget, c.retention));
         let layer = layer
-            .with_filter(ConsoleFilter {
-                directives: EnvFilter::new("tokio=trace,runtime=trace"),
-                budget: Arc::clone(&budget),
-            })
+            // Static: which tasks and resources it records is decided by
+            // `ConsoleGate`, around the whole subscriber.
+            .with_filter(EnvFilter::new("tokio=trace,runtime=trace"))
             .boxed();
         lines.push(format!(
             "tokio-console: listening on {} (retention {} s, publish every {} ms, {}) - run `tokio-console http://{}`",
@@ -1191,8 +1190,16 @@ mod tests {
         move |k| m.get(k).cloned()
     }
 
+    /// Tests that install a subscriber take turns: a callsite's interest is
+    /// combined over every live subscriber, so one test's console gate
+    /// ("ask me per call") would change what another test's stack is asked.
+    static ONE_SUBSCRIBER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn with_every_exporter_off_no_span_is_created() {
+        let _turn = ONE_SUBSCRIBER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // The fmt layer as init builds it (events only), at its most verbose.
         let fmt_filter = EnvFilter::new("trace").and(filter::filter_fn(|m| m.is_event()));
         let subscriber = tracing_subscriber::registry().with(stack(None, None, fmt_filter));
@@ -1205,13 +1212,19 @@ mod tests {
 
     /// A task the console's budget refuses has no span at all, for any
     /// layer: tokio then attaches no id to it and traces none of its polls
-    /// and wakes. Resources follow their task into the console. The gate
-    /// must not wake any other callsite up.
+    /// and wakes. A resource (here a timer) is recorded only inside a task
+    /// the console records. The gate wakes no other callsite up.
     #[test]
     fn a_task_the_console_budget_refuses_has_no_span() {
         use std::sync::Mutex;
-        /// Stands in for the console layer: notes the spans it is given.
-        struct Seen(Arc<Mutex<Vec<&'static str>>>);
+        let _turn = ONE_SUBSCRIBER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        /// Stands in for the console layer: notes each span it is given,
+        /// with the task it was created in (or, for a task's own span, that
+        /// task).
+        type Notes = Arc<Mutex<Vec<(&'static str, Option<String>)>>>;
+        struct Seen(Notes);
         impl<S: tracing::Subscriber> Layer<S> for Seen {
             fn on_new_span(
                 &self,
@@ -1219,16 +1232,30 @@ mod tests {
                 _: &tracing::span::Id,
                 _: tracing_subscriber::layer::Context<'_, S>,
             ) {
-                self.0.lock().unwrap().push(attrs.metadata().name());
+                struct TaskId(Option<String>);
+                impl tracing::field::Visit for TaskId {
+                    fn record_u64(&mut self, f: &tracing::field::Field, v: u64) {
+                        if f.name() == "task.id" {
+                            self.0 = Some(v.to_string());
+                        }
+                    }
+                    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn fmt::Debug) {}
+                }
+                let task = if attrs.metadata().name() == "runtime.spawn" {
+                    let mut id = TaskId(None);
+                    attrs.record(&mut id);
+                    id.0
+                } else {
+                    tokio::task::try_id().map(|id| id.to_string())
+                };
+                self.0.lock().unwrap().push((attrs.metadata().name(), task));
             }
         }
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Notes::default();
+        // Three tasks: `block_on`'s own, then one spawned task.
         let budget = Arc::new(ConsoleBudget::new(2, Duration::from_secs(600)));
         let console: BoxedLayer = Seen(Arc::clone(&seen))
-            .with_filter(ConsoleFilter {
-                directives: EnvFilter::new("tokio=trace,runtime=trace"),
-                budget: Arc::clone(&budget),
-            })
+            .with_filter(EnvFilter::new("tokio=trace,runtime=trace"))
             .boxed();
         let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
         let layers = stack(Some(console), None, fmt_filter);
@@ -1237,21 +1264,47 @@ mod tests {
             Some(budget.clone()),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let task =
-                || tracing::trace_span!(target: "tokio::task", "runtime.spawn", kind = "task");
-            let resource = || tracing::trace_span!(target: "runtime::resource", "runtime.resource");
-
-            let recorded = task();
-            assert!(!recorded.is_disabled(), "the budget's first task");
-            recorded.in_scope(|| drop(resource()));
-            drop(resource());
-            assert!(!task().is_disabled(), "the budget's second task");
-            assert!(task().is_disabled(), "a task over the budget has no span");
-            assert_eq!(budget.snapshot().tasks_not_recorded, 1);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let (recorded, refused) = rt.block_on(async {
+                let task = || {
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        tracing::Span::current().metadata().map(|m| m.name())
+                    })
+                };
+                let (recorded, refused) = (task(), task());
+                let ids = (recorded.id().to_string(), refused.id().to_string());
+                let current = (recorded.await.unwrap(), refused.await.unwrap());
+                assert_eq!(
+                    current,
+                    (Some("runtime.spawn"), None),
+                    "polled inside its own span if recorded; a refused one has none"
+                );
+                ids
+            });
+            let s = budget.snapshot();
+            assert_eq!((s.tasks_recorded, s.tasks_not_recorded), (2, 1));
+            let seen = seen.lock().unwrap().clone();
+            let tasks: Vec<_> = seen.iter().filter(|(n, _)| *n == "runtime.spawn").collect();
+            assert_eq!(tasks.len(), 2, "block_on and one task: {seen:?}");
+            assert!(tasks.iter().any(|(_, t)| t.as_ref() == Some(&recorded)));
+            let timers_in = |task: &String| {
+                seen.iter()
+                    .filter(|(n, t)| *n == "runtime.resource" && t.as_ref() == Some(task))
+                    .count()
+            };
             assert_eq!(
-                *seen.lock().unwrap(),
-                ["runtime.spawn", "runtime.resource", "runtime.spawn"],
-                "the console records the two tasks and the timer of the first"
+                timers_in(&recorded),
+                1,
+                "the recorded task's timer: {seen:?}"
+            );
+            assert_eq!(
+                timers_in(&refused),
+                0,
+                "no timer of the refused task: {seen:?}"
             );
 
             assert!(
