@@ -67,13 +67,13 @@ struct State {
 }
 
 impl State {
-    fn places(&self) -> Vec<String> {
-        let mut places: Vec<String> = (0..64)
+    fn places(&self) -> Vec<&'static str> {
+        let mut places: Vec<&'static str> = (0..64)
             .filter(|bit| self.workers & (1 << bit) != 0)
-            .map(|bit| format!("worker {bit}"))
+            .map(|bit| crate::runtime::place(Some(bit)))
             .collect();
         if self.off_worker {
-            places.push(crate::runtime::BLOCKING_POOL.to_owned());
+            places.push(crate::runtime::place(None));
         }
         places
     }
@@ -95,7 +95,7 @@ pub struct Snapshot {
     pub queued_ms: Option<f64>,
     /// `"worker N"` for each application worker that polled the future, or
     /// `"blocking pool"`.
-    pub workers: Vec<String>,
+    pub workers: Vec<&'static str>,
 }
 
 impl Default for PollStats {
@@ -302,7 +302,7 @@ mod tests {
         assert_eq!(s.polls, 2, "{s:?}");
         assert!(s.wall_ms >= 50.0, "{s:?}");
         assert!(s.busy_ms < 20.0, "{s:?}");
-        assert_eq!(s.workers, vec!["worker 0".to_owned()]);
+        assert_eq!(s.workers, vec!["worker 0"]);
     }
 
     #[tokio::test(flavor = "current_thread")]

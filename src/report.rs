@@ -24,7 +24,7 @@ pub struct Report {
     pub verdict: String,
     /// The request's trace id: paste it into Jaeger's search box.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    pub trace_id: Option<std::sync::Arc<str>>,
     /// The pieces of work a fan-out or offload ran, with where and when.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<Job>,
@@ -34,9 +34,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// The answer of `scenario` with its measured `stats` and `verdict`.
+    /// The answer of `scenario` with its measured `stats` and `verdict`, for
+    /// the request `probe` measured.
     pub fn new(
         scenario: &crate::scenarios::Scenario,
+        probe: &Probe,
         params: serde_json::Value,
         stats: Snapshot,
         mut verdict: String,
@@ -55,8 +57,7 @@ impl Report {
             params,
             stats,
             verdict,
-            // Handlers run inside the request's server span.
-            trace_id: crate::telemetry::current_trace_id(),
+            trace_id: probe.trace_id.clone(),
             jobs: Vec::new(),
             detail: None,
         }
@@ -142,7 +143,7 @@ impl Job {
     ) -> Job {
         Job {
             index,
-            ran_on: crate::runtime::current_place(),
+            ran_on: crate::runtime::current_place().to_owned(),
             thread: std::thread::current()
                 .name()
                 .unwrap_or("unnamed")
@@ -201,6 +202,9 @@ pub struct Probe {
     /// Who this request is, for naming the tasks it spawns to the stall
     /// watcher (`None` when the watcher is off).
     pub culprit: Option<std::sync::Arc<crate::stall::Culprit>>,
+    /// The request's trace id (`None` with OTLP off), read once from its
+    /// server span by the middleware.
+    pub trace_id: Option<std::sync::Arc<str>>,
 }
 
 impl Probe {
@@ -233,13 +237,13 @@ pub fn fmt_ms(value: f64) -> String {
 }
 
 /// "worker 1", "workers 0 and 1", "workers 0, 1 and 2".
-pub fn fmt_places(places: &[String]) -> String {
-    let mut places: Vec<String> = places.to_vec();
+pub fn fmt_places<S: AsRef<str>>(places: &[S]) -> String {
+    let mut places: Vec<&str> = places.iter().map(AsRef::as_ref).collect();
     places.sort();
     places.dedup();
     match places.as_slice() {
         [] => "no thread".to_owned(),
-        [one] => one.clone(),
+        [one] => (*one).to_owned(),
         [init @ .., last] => {
             let all_workers = places.iter().all(|p| p.starts_with("worker "));
             if all_workers {

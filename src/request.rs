@@ -24,6 +24,7 @@
 //! request was slow: `busy_ms` ≈ `wall_ms` means it held a worker;
 //! a large `sched_delay_ms` means it waited for one.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -102,6 +103,9 @@ pub async fn run_in_own_task(
         stats,
         started: Instant::now(),
         culprit: culprit.clone(),
+        trace_id: ids
+            .as_ref()
+            .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
     };
     req.extensions_mut().insert(probe.clone());
     // Span outside, measurement inside: the event the measuring wrapper

@@ -68,6 +68,8 @@ pub async fn handler(
             fmt_ms(stats.longest_poll_ms)
         )
     };
-    Ok(Report::new(&SCENARIO, json!({ "ms": ms }), stats, verdict)
-        .with_detail(json!({ "rounds": rounds })))
+    Ok(
+        Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict)
+            .with_detail(json!({ "rounds": rounds })),
+    )
 }

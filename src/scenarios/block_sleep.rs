@@ -68,5 +68,11 @@ pub async fn handler(
             fmt_ms(stats.longest_poll_ms)
         )
     };
-    Ok(Report::new(&SCENARIO, json!({ "ms": ms }), stats, verdict))
+    Ok(Report::new(
+        &SCENARIO,
+        &probe,
+        json!({ "ms": ms }),
+        stats,
+        verdict,
+    ))
 }

@@ -56,5 +56,11 @@ pub async fn handler(
         fmt_ms(stats.busy_ms),
         stats.polls
     );
-    Ok(Report::new(&SCENARIO, json!({ "ms": ms }), stats, verdict))
+    Ok(Report::new(
+        &SCENARIO,
+        &probe,
+        json!({ "ms": ms }),
+        stats,
+        verdict,
+    ))
 }

@@ -65,5 +65,12 @@ pub async fn handler(
         fmt_ms(ms as f64),
         fmt_ms(stats.wall_ms)
     );
-    Ok(Report::new(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict).with_jobs(jobs))
+    Ok(Report::new(
+        &SCENARIO,
+        &probe,
+        json!({ "n": n, "ms": ms }),
+        stats,
+        verdict,
+    )
+    .with_jobs(jobs))
 }

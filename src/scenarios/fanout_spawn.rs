@@ -104,9 +104,13 @@ pub async fn handler(
             "; each job held its worker while it ran"
         }
     );
-    Ok(
-        Report::new(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
-            .with_jobs(jobs)
-            .with_detail(json!({ "parallelism": p })),
+    Ok(Report::new(
+        &SCENARIO,
+        &probe,
+        json!({ "n": n, "ms": ms }),
+        stats,
+        verdict,
     )
+    .with_jobs(jobs)
+    .with_detail(json!({ "parallelism": p })))
 }

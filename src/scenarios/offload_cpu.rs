@@ -63,5 +63,5 @@ pub async fn handler(
         worker_phrase(&state, &stats.workers),
         fmt_ms(stats.busy_ms)
     );
-    Ok(Report::new(&SCENARIO, json!({ "ms": ms }), stats, verdict).with_jobs(vec![job]))
+    Ok(Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict).with_jobs(vec![job]))
 }

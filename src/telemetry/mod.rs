@@ -24,12 +24,13 @@
 //!   [`init`] instead of a panic in a background thread, and port 0 works.
 //! * With OTLP export off there is no OpenTelemetry layer at all: telemetry
 //!   off means no per-request tracing cost (and no trace ids).
-//! * Every filter is static (per callsite), except the console's on tokio's
-//!   task and resource spans, where [`console_budget`] decides per span. A
-//!   per-thread dynamic filter would make every callsite "sometimes"
-//!   interesting and cost on every disabled `trace!` in the process; side
-//!   threads that must stay quiet install [`side_thread_subscriber`]
-//!   instead.
+//! * Every filter is static (per callsite). The one per-span decision, which
+//!   of tokio's task and resource spans the console records, is taken by
+//!   [`console_budget::ConsoleGate`] around the whole subscriber, so that a
+//!   refused span does not exist at all. A per-thread dynamic filter would
+//!   make every callsite "sometimes" interesting and cost on every disabled
+//!   `trace!` in the process; side threads that must stay quiet install
+//!   [`side_thread_subscriber`] instead.
 //! * [`Telemetry::shutdown`] is bounded: it never waits longer than its timeout
 //!   (plus a small margin), even when the collector is gone.
 
@@ -1122,18 +1123,6 @@ impl Telemetry {
 // ---------------------------------------------------------------------------
 // Trace-context helpers
 // ---------------------------------------------------------------------------
-
-/// Hex trace id of the current `tracing` span, if it is an OpenTelemetry span.
-///
-/// `None` with OTLP off (there is no OpenTelemetry layer then). It
-/// is `None` outside any span, and for spans the OTLP filter rejects
-/// (below INFO, or tokio/exporter targets): those never become OTel spans.
-pub fn current_trace_id() -> Option<String> {
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
 
 /// Hex (trace id, span id) of `span`, if it is an OpenTelemetry span.
 pub fn span_ids(span: &tracing::Span) -> Option<(String, String)> {
