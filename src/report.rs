@@ -208,6 +208,18 @@ pub struct Probe {
 }
 
 impl Probe {
+    /// The request's answer: `scenario`'s report with its `params`, the
+    /// measured `stats` and the `verdict` on them.
+    pub fn report(
+        &self,
+        scenario: &crate::scenarios::Scenario,
+        params: serde_json::Value,
+        stats: Snapshot,
+        verdict: String,
+    ) -> Report {
+        Report::new(scenario, self, params, stats, verdict)
+    }
+
     /// Milliseconds since the request started.
     pub fn since_start(&self, at: Instant) -> f64 {
         ms(at.saturating_duration_since(self.started))

@@ -68,8 +68,7 @@ pub async fn handler(
             fmt_ms(stats.longest_poll_ms)
         )
     };
-    Ok(
-        Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict)
-            .with_detail(json!({ "rounds": rounds })),
-    )
+    Ok(probe
+        .report(&SCENARIO, json!({ "ms": ms }), stats, verdict)
+        .with_detail(json!({ "rounds": rounds })))
 }

@@ -68,11 +68,5 @@ pub async fn handler(
             fmt_ms(stats.longest_poll_ms)
         )
     };
-    Ok(Report::new(
-        &SCENARIO,
-        &probe,
-        json!({ "ms": ms }),
-        stats,
-        verdict,
-    ))
+    Ok(probe.report(&SCENARIO, json!({ "ms": ms }), stats, verdict))
 }

@@ -82,8 +82,7 @@ pub async fn handler(
         fmt_ms(stats.longest_poll_ms),
         fmt_ms(stats.wall_ms)
     );
-    Ok(
-        Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict)
-            .with_detail(json!({ "slices": slices })),
-    )
+    Ok(probe
+        .report(&SCENARIO, json!({ "ms": ms }), stats, verdict)
+        .with_detail(json!({ "slices": slices })))
 }

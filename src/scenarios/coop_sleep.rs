@@ -56,11 +56,5 @@ pub async fn handler(
         fmt_ms(stats.busy_ms),
         stats.polls
     );
-    Ok(Report::new(
-        &SCENARIO,
-        &probe,
-        json!({ "ms": ms }),
-        stats,
-        verdict,
-    ))
+    Ok(probe.report(&SCENARIO, json!({ "ms": ms }), stats, verdict))
 }

@@ -77,8 +77,7 @@ pub async fn handler(
         fmt_ms(stats.wall_ms),
         fmt_ms(stats.busy_ms)
     );
-    Ok(
-        Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict)
-            .with_detail(json!({ "url": url, "status": status, "answer": body })),
-    )
+    Ok(probe
+        .report(&SCENARIO, json!({ "ms": ms }), stats, verdict)
+        .with_detail(json!({ "url": url, "status": status, "answer": body })))
 }

@@ -77,13 +77,8 @@ pub async fn handler(
         fmt_ms(stats.busy_ms),
         cores = std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
-    Ok(Report::new(
-        &SCENARIO,
-        &probe,
-        json!({ "n": n, "ms": ms }),
-        stats,
-        verdict,
-    )
-    .with_jobs(jobs)
-    .with_detail(json!({ "parallelism": p, "threads": places.len() })))
+    Ok(probe
+        .report(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
+        .with_jobs(jobs)
+        .with_detail(json!({ "parallelism": p, "threads": places.len() })))
 }

@@ -65,12 +65,7 @@ pub async fn handler(
         fmt_ms(ms as f64),
         fmt_ms(stats.wall_ms)
     );
-    Ok(Report::new(
-        &SCENARIO,
-        &probe,
-        json!({ "n": n, "ms": ms }),
-        stats,
-        verdict,
-    )
-    .with_jobs(jobs))
+    Ok(probe
+        .report(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
+        .with_jobs(jobs))
 }

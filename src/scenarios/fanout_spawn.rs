@@ -104,13 +104,8 @@ pub async fn handler(
             "; each job held its worker while it ran"
         }
     );
-    Ok(Report::new(
-        &SCENARIO,
-        &probe,
-        json!({ "n": n, "ms": ms }),
-        stats,
-        verdict,
-    )
-    .with_jobs(jobs)
-    .with_detail(json!({ "parallelism": p })))
+    Ok(probe
+        .report(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
+        .with_jobs(jobs)
+        .with_detail(json!({ "parallelism": p })))
 }

@@ -52,5 +52,5 @@ pub async fn handler(
             fmt_ms(stats.sched_delay_ms + queued)
         )
     };
-    Ok(Report::new(&SCENARIO, &probe, json!({}), stats, verdict))
+    Ok(probe.report(&SCENARIO, json!({}), stats, verdict))
 }

@@ -63,5 +63,7 @@ pub async fn handler(
         worker_phrase(&state, &stats.workers),
         fmt_ms(stats.busy_ms)
     );
-    Ok(Report::new(&SCENARIO, &probe, json!({ "ms": ms }), stats, verdict).with_jobs(vec![job]))
+    Ok(probe
+        .report(&SCENARIO, json!({ "ms": ms }), stats, verdict)
+        .with_jobs(vec![job]))
 }
