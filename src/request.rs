@@ -62,7 +62,12 @@ pub async fn run_in_own_task(
         .to_owned();
     let name = state.task_name(req.method(), &route);
 
+    // A root span in tracing's tree: its parent is the caller's trace
+    // (`traceparent`, below), not whatever span is current here (the
+    // connection task's, when tokio-console records it), whose lookup and
+    // reference count would cost on every request for nothing.
     let span = tracing::info_span!(
+        parent: None,
         "request",
         // `&str`, not `%` (Display): a str is recorded as is, Display goes
         // through the formatting machinery on every request.

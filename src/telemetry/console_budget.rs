@@ -77,6 +77,11 @@ pub struct ConsoleBudget {
     budget: u64,
     retention: Duration,
     bucket: Mutex<Bucket>,
+    /// Until when (ns after `epoch`) the bucket holds no whole token: a task
+    /// asking before then is refused without taking the lock. Under load
+    /// that is every task, from two or more workers at once.
+    empty_until_ns: AtomicU64,
+    epoch: Instant,
     recorded: AtomicU64,
     not_recorded: AtomicU64,
     /// Set when the first task is turned away, until someone logs it.
@@ -105,13 +110,16 @@ pub struct BudgetSnapshot {
 
 impl ConsoleBudget {
     pub fn new(budget: u64, retention: Duration) -> Self {
+        let epoch = Instant::now();
         Self {
             budget,
             retention,
             bucket: Mutex::new(Bucket {
                 tokens: budget as f64,
-                refilled_at: Instant::now(),
+                refilled_at: epoch,
             }),
+            empty_until_ns: AtomicU64::new(0),
+            epoch,
             recorded: AtomicU64::new(0),
             not_recorded: AtomicU64::new(0),
             notice_pending: AtomicBool::new(false),
@@ -133,18 +141,27 @@ impl ConsoleBudget {
 
     /// Spends one task of the budget, if there is one left at `now`.
     fn admit_at(&self, now: Instant) -> bool {
-        let admitted = !self.limited() || {
-            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-            let elapsed = now.saturating_duration_since(b.refilled_at).as_secs_f64();
-            b.tokens = (b.tokens + elapsed * self.refill_per_sec()).min(self.budget as f64);
-            b.refilled_at = now;
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
-                true
-            } else {
-                false
-            }
-        };
+        let now_ns =
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let admitted = !self.limited()
+            || (now_ns >= self.empty_until_ns.load(Ordering::Relaxed) && {
+                let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+                let elapsed = now.saturating_duration_since(b.refilled_at).as_secs_f64();
+                b.tokens = (b.tokens + elapsed * self.refill_per_sec()).min(self.budget as f64);
+                b.refilled_at = now;
+                let admitted = b.tokens >= 1.0;
+                if admitted {
+                    b.tokens -= 1.0;
+                }
+                if b.tokens < 1.0 {
+                    // When the next whole token will be there.
+                    let wait = (1.0 - b.tokens) / self.refill_per_sec();
+                    let wait_ns = (wait * 1e9).min(u64::MAX as f64) as u64;
+                    self.empty_until_ns
+                        .store(now_ns.saturating_add(wait_ns), Ordering::Relaxed);
+                }
+                admitted
+            });
         if admitted {
             self.recorded.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -62,8 +62,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
 
 pub mod console_budget;
+mod lean_filter;
 use console_budget::ConsoleGate;
 pub use console_budget::{BudgetSnapshot, ConsoleBudget};
+use lean_filter::LeanEnvFilter;
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 pub const SERVICE_NAME: &str = "stall-lab";
@@ -443,6 +445,9 @@ fn otlp_allowed(meta: &tracing::Metadata<'_>) -> bool {
 fn crate_of(target: &str) -> &str {
     target.split(':').next().unwrap_or_default()
 }
+
+/// What the console layer records: tokio's own instrumentation.
+const CONSOLE_DIRECTIVES: &str = "tokio=trace,runtime=trace";
 
 /// The log filter `init` resolved, for [`side_thread_subscriber`].
 static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -829,10 +834,11 @@ pub fn init_with_env(
             message: format!("{log:?}: {e}"),
         })?;
     let _ = LOG_FILTER.set(log.clone());
-    let otlp_level = EnvFilter::try_new(&cfg.otlp_filter).map_err(|e| TelemetryError::Config {
-        key: "telemetry.otlp_filter",
-        message: format!("{:?}: {e}", cfg.otlp_filter),
-    })?;
+    let otlp_level =
+        LeanEnvFilter::try_new(&cfg.otlp_filter).map_err(|e| TelemetryError::Config {
+            key: "telemetry.otlp_filter",
+            message: format!("{:?}: {e}", cfg.otlp_filter),
+        })?;
     lines.push(format!("logs: filter {log:?} (from {log_source})"));
 
     // 2. Console first: a busy port must fail init before anything global
@@ -844,7 +850,7 @@ pub fn init_with_env(
         let layer = layer
             // Static: which tasks and resources it records is decided by
             // `ConsoleGate`, around the whole subscriber.
-            .with_filter(EnvFilter::new("tokio=trace,runtime=trace"))
+            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
             .boxed();
         lines.push(format!(
             "tokio-console: listening on {} (retention {} s, publish every {} ms, {}) - run `tokio-console http://{}`",
@@ -1244,7 +1250,7 @@ mod tests {
         // Three tasks: `block_on`'s own, then one spawned task.
         let budget = Arc::new(ConsoleBudget::new(2, Duration::from_secs(600)));
         let console: BoxedLayer = Seen(Arc::clone(&seen))
-            .with_filter(EnvFilter::new("tokio=trace,runtime=trace"))
+            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
             .boxed();
         let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
         let layers = stack(Some(console), None, fmt_filter);
