@@ -81,12 +81,10 @@ pub fn start(state: AdminState) -> anyhow::Result<AdminServer> {
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
-            // Logs only: the admin runtime's tasks (connections, event
-            // streams, the busy sampler) are plumbing, so they stay out of
-            // tokio-console, where they would pass for the application's
-            // and spend its task budget, and out of Jaeger.
-            let _quiet =
-                tracing::subscriber::set_default(crate::telemetry::side_thread_subscriber());
+            // The admin runtime's tasks (connections, event streams, the
+            // busy sampler) are plumbing: out of tokio-console, where they
+            // would pass for the application's and spend its task budget.
+            crate::telemetry::keep_this_thread_out_of_the_console();
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

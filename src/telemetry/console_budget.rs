@@ -42,6 +42,7 @@
 //! gets no span either.
 
 use std::any::TypeId;
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -211,6 +212,26 @@ impl ConsoleBudget {
     }
 }
 
+thread_local! {
+    /// Set on a thread whose tokio tasks are plumbing (the admin server's):
+    /// [`ConsoleGate`] gives the tasks spawned and the resources created on
+    /// it no span, so they stay out of tokio-console and its budget.
+    static PLUMBING_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Keeps the tokio tasks spawned on the calling thread, and the resources
+/// created on it, out of tokio-console. For a side runtime's own thread: its
+/// tasks would pass for the application's and spend the console's budget.
+///
+/// (A thread-local flag, not a subscriber of the thread's own: a span made
+/// under one subscriber and dropped on a thread whose default is another
+/// makes tracing-subscriber close its parent in the wrong registry, which
+/// panics, "tried to drop a ref to Id(8), but no such span exists!". That is
+/// what the admin thread did at every shutdown while it had one.)
+pub fn keep_this_thread_out_of_the_console() {
+    PLUMBING_THREAD.set(true);
+}
+
 /// The whole subscriber, with the console's budget in front of it.
 ///
 /// - A task span the budget refuses is disabled before any layer is asked,
@@ -219,11 +240,13 @@ impl ConsoleBudget {
 /// - A resource span is enabled only inside a task the console records, or
 ///   outside any task (`block_on`): inside a refused task it is not created
 ///   either.
+/// - Neither is created on a thread marked with
+///   [`keep_this_thread_out_of_the_console`].
 ///
 /// Everything else passes through untouched.
 pub struct ConsoleGate<S> {
     inner: S,
-    /// The budget, when the console is on and it is limited.
+    /// The budget, when the console is on.
     budget: Option<Arc<ConsoleBudget>>,
     recorded: Mutex<Recorded>,
 }
@@ -240,7 +263,6 @@ struct Recorded {
 
 impl<S> ConsoleGate<S> {
     pub fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
-        let budget = budget.filter(|b| b.limited());
         Self {
             inner,
             budget,
@@ -250,6 +272,12 @@ impl<S> ConsoleGate<S> {
 
     fn gates(&self, meta: &Metadata<'_>) -> bool {
         self.budget.is_some() && (is_task_span(meta) || is_resource_span(meta))
+    }
+
+    /// Whether recorded tasks are tracked, for the resource rule: only
+    /// under a limited budget (without one, every task is recorded).
+    fn tracks_tasks(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.limited())
     }
 
     fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
@@ -315,11 +343,15 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     fn enabled(&self, meta: &Metadata<'_>) -> bool {
         // Decided before the layers' filters run: refusing *after* them would
         // leave their per-call verdicts behind for the next callsite.
-        if let Some(budget) = &self.budget {
-            let refused = if is_task_span(meta) {
+        if let Some(budget) = &self.budget
+            && self.gates(meta)
+        {
+            let refused = if PLUMBING_THREAD.get() {
+                true
+            } else if is_task_span(meta) {
                 !budget.admit_at(Instant::now())
             } else {
-                is_resource_span(meta) && !self.in_recorded_task()
+                budget.limited() && !self.in_recorded_task()
             };
             if refused {
                 return false;
@@ -331,7 +363,7 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
     fn new_span(&self, attrs: &span::Attributes<'_>) -> span::Id {
         let id = self.inner.new_span(attrs);
         let meta = attrs.metadata();
-        if self.budget.is_some() && is_task_span(meta) && meta.target() != BLOCKING_TASK_TARGET {
+        if self.tracks_tasks() && is_task_span(meta) && meta.target() != BLOCKING_TASK_TARGET {
             let mut task = TaskIdField(None);
             attrs.record(&mut task);
             if let Some(task) = task.0 {
@@ -345,7 +377,7 @@ impl<S: Subscriber> Subscriber for ConsoleGate<S> {
 
     fn try_close(&self, id: span::Id) -> bool {
         let closed = self.inner.try_close(id.clone());
-        if closed && self.budget.is_some() {
+        if closed && self.tracks_tasks() {
             let mut recorded = self.recorded();
             if let Some(task) = recorded.by_span.remove(&id) {
                 recorded.tasks.remove(&task);

@@ -27,10 +27,11 @@
 //! * Every filter is static (per callsite). The one per-span decision, which
 //!   of tokio's task and resource spans the console records, is taken by
 //!   [`console_budget::ConsoleGate`] around the whole subscriber, so that a
-//!   refused span does not exist at all. A per-thread dynamic filter would
-//!   make every callsite "sometimes" interesting and cost on every disabled
-//!   `trace!` in the process; side threads that must stay quiet install
-//!   [`side_thread_subscriber`] instead.
+//!   refused span does not exist at all. The same gate keeps a side
+//!   runtime's tasks out of the console
+//!   ([`console_budget::keep_this_thread_out_of_the_console`]); a per-thread
+//!   dynamic *filter* would make every callsite "sometimes" interesting and
+//!   cost on every disabled `trace!` in the process.
 //! * [`Telemetry::shutdown`] is bounded: it never waits longer than its timeout
 //!   (plus a small margin), even when the collector is gone.
 
@@ -64,7 +65,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, filter};
 pub mod console_budget;
 mod lean_filter;
 use console_budget::ConsoleGate;
-pub use console_budget::{BudgetSnapshot, ConsoleBudget};
+pub use console_budget::{BudgetSnapshot, ConsoleBudget, keep_this_thread_out_of_the_console};
 use lean_filter::LeanEnvFilter;
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
@@ -449,25 +450,6 @@ fn crate_of(target: &str) -> &str {
 /// What the console layer records: tokio's own instrumentation.
 const CONSOLE_DIRECTIVES: &str = "tokio=trace,runtime=trace";
 
-/// The log filter `init` resolved, for [`side_thread_subscriber`].
-static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// A subscriber for side threads whose tokio tasks are plumbing, not the
-/// application (the admin server's runtime): logs only, so their tasks stay
-/// out of tokio-console and their spans out of Jaeger. Install it on the
-/// thread with `tracing::subscriber::set_default`.
-pub fn side_thread_subscriber() -> impl tracing::Subscriber + Send + Sync {
-    // The same log filter as the main fmt layer (RUST_LOG or telemetry.log),
-    // as resolved and validated by `init`.
-    let log = LOG_FILTER.get().map_or("info", String::as_str);
-    let filter = EnvFilter::new(fmt_filter_string(log));
-    tracing_subscriber::registry().with(
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(filter.and(filter::filter_fn(|meta| meta.is_event()))),
-    )
-}
-
 /// The internal-logs feature of opentelemetry/opentelemetry_sdk is ON in this
 /// dependency graph (opentelemetry's default features), so the SDK emits a
 /// `tracing` error event per failed batch (`BatchSpanProcessor.ExportError`).
@@ -833,7 +815,6 @@ pub fn init_with_env(
             key: log_source,
             message: format!("{log:?}: {e}"),
         })?;
-    let _ = LOG_FILTER.set(log.clone());
     let otlp_level =
         LeanEnvFilter::try_new(&cfg.otlp_filter).map_err(|e| TelemetryError::Config {
             key: "telemetry.otlp_filter",
@@ -964,7 +945,8 @@ pub fn init_with_env(
     // would make every callsite in the process "sometimes" interesting, so
     // every disabled `trace!` in hyper or tokio gets evaluated on every call:
     // measured at several times the per-request cost. Side threads that must
-    // stay out of the console install `side_thread_subscriber()` instead.
+    // stay out of the console say so to `ConsoleGate` instead, which decides
+    // only on the task and resource callsites.
     let otel_filter = filter::filter_fn(otlp_allowed).and(otlp_level);
     // The fmt layer logs events only: recording every request span's fields
     // for log context would cost formatting on every request. Events that
@@ -1313,6 +1295,52 @@ mod tests {
             assert!(
                 tracing::info_span!("request").is_disabled(),
                 "no span for a layer that is off"
+            );
+        });
+    }
+
+    /// The admin runtime's tasks and timers stay out of the console and
+    /// its budget (and nothing else changes for them).
+    #[test]
+    fn a_plumbing_threads_tasks_get_no_span() {
+        let _turn = ONE_SUBSCRIBER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let budget = Arc::new(ConsoleBudget::new(0, Duration::from_secs(600)));
+        let console: BoxedLayer = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::sink)
+            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
+            .boxed();
+        let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
+        let layers = stack(Some(console), None, fmt_filter);
+        let subscriber = ConsoleGate::new(
+            tracing_subscriber::registry().with(layers),
+            Some(budget.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            // (libtest runs each test on a thread of its own.)
+            keep_this_thread_out_of_the_console();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let current = rt.block_on(async {
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tracing::Span::current().is_none()
+                })
+                .await
+                .unwrap()
+            });
+            assert!(current, "the task ran without a span of its own");
+            assert!(
+                tracing::trace_span!(target: "runtime::resource", "runtime.resource").is_disabled()
+            );
+            let s = budget.snapshot();
+            assert_eq!((s.tasks_recorded, s.tasks_not_recorded), (0, 0));
+            assert!(
+                tracing::event_enabled!(tracing::Level::INFO),
+                "logs still flow"
             );
         });
     }

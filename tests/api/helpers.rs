@@ -37,6 +37,8 @@ pub struct TestApp {
     pub stdout: Arc<Mutex<Vec<String>>>,
     /// Every log line the server printed on stderr so far.
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Set once the server's stderr is closed: every line is in `stderr`.
+    stderr_closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TestApp {
@@ -111,6 +113,23 @@ impl TestApp {
     /// The server's stderr so far, one string.
     pub fn logs(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// After the server exited: all of its stderr (waits up to 2 s for the
+    /// last lines to be read), checked for panics in any thread, which do
+    /// not change a process's exit status.
+    pub fn logs_at_exit(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self
+            .stderr_closed
+            .load(std::sync::atomic::Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let logs = self.logs();
+        assert!(!logs.contains("panicked"), "a thread panicked:\n{logs}");
+        logs
     }
 
     pub fn pid(&self) -> u32 {
@@ -190,6 +209,8 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
     let stderr_lines = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().unwrap();
     let sink = stderr_lines.clone();
+    let stderr_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed = stderr_closed.clone();
     let echo = std::env::var_os("TEST_LOG").is_some();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
@@ -199,6 +220,7 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
             }
             sink.lock().unwrap().push(line);
         }
+        closed.store(true, std::sync::atomic::Ordering::Release);
     });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -237,6 +259,7 @@ pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         stdout: lines,
         stderr: stderr_lines,
+        stderr_closed,
     }
 }
 

@@ -20,6 +20,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
         .expect("the request in flight was answered");
     assert_eq!(response.status(), 200);
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    app.logs_at_exit();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -38,4 +39,5 @@ async fn the_grace_period_bounds_the_wait() {
         "exited after {:?}",
         start.elapsed()
     );
+    app.logs_at_exit();
 }

@@ -315,6 +315,7 @@ async fn shutdown_flushes_spans_of_completed_requests() {
     }
     let status = tokio::task::block_in_place(|| app.terminate(Duration::from_secs(10)));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    app.logs_at_exit();
     let spans = c.store.spans();
     let flushed = spans.iter().filter(|s| s.name == "GET /coop/sleep").count();
     assert_eq!(flushed, 3, "{:?}", names(&spans));
@@ -350,7 +351,7 @@ async fn shutdown_is_bounded_and_reports_drops_when_the_collector_is_gone() {
         took < Duration::from_millis(500 + 3000),
         "exit took {took:?}"
     );
-    let logs = app.logs();
+    let logs = app.logs_at_exit();
     assert!(logs.contains("dropped"), "{logs}");
 }
 
