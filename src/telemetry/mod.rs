@@ -1187,6 +1187,23 @@ mod tests {
         });
     }
 
+    /// The subscriber as `init` builds it with the console on and OTLP off,
+    /// `console` standing in for the console layer.
+    fn with_console(
+        console: impl Layer<Registry> + Send + Sync + 'static,
+        budget: &Arc<ConsoleBudget>,
+    ) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let console = console
+            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
+            .boxed();
+        let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
+        let layers = stack(Some(console), None, fmt_filter);
+        ConsoleGate::new(
+            tracing_subscriber::registry().with(layers),
+            Some(Arc::clone(budget)),
+        )
+    }
+
     /// A task the console's budget refuses has no span at all, for any
     /// layer: tokio then attaches no id to it and traces none of its polls
     /// and wakes. A resource (here a timer) is recorded only inside a task
@@ -1231,15 +1248,7 @@ mod tests {
         let seen = Notes::default();
         // Three tasks: `block_on`'s own, then one spawned task.
         let budget = Arc::new(ConsoleBudget::new(2, Duration::from_secs(600)));
-        let console: BoxedLayer = Seen(Arc::clone(&seen))
-            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
-            .boxed();
-        let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
-        let layers = stack(Some(console), None, fmt_filter);
-        let subscriber = ConsoleGate::new(
-            tracing_subscriber::registry().with(layers),
-            Some(budget.clone()),
-        );
+        let subscriber = with_console(Seen(Arc::clone(&seen)), &budget);
         tracing::subscriber::with_default(subscriber, || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -1307,16 +1316,7 @@ mod tests {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let budget = Arc::new(ConsoleBudget::new(0, Duration::from_secs(600)));
-        let console: BoxedLayer = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::sink)
-            .with_filter(LeanEnvFilter::new(CONSOLE_DIRECTIVES))
-            .boxed();
-        let fmt_filter = EnvFilter::new("info").and(filter::filter_fn(|m| m.is_event()));
-        let layers = stack(Some(console), None, fmt_filter);
-        let subscriber = ConsoleGate::new(
-            tracing_subscriber::registry().with(layers),
-            Some(budget.clone()),
-        );
+        let subscriber = with_console(tracing_subscriber::layer::Identity::new(), &budget);
         tracing::subscriber::with_default(subscriber, || {
             // (libtest runs each test on a thread of its own.)
             keep_this_thread_out_of_the_console();
