@@ -35,8 +35,8 @@ pub struct Report {
 
 impl Report {
     /// The answer of `scenario` with its measured `stats` and `verdict`, for
-    /// the request `probe` measured.
-    pub fn new(
+    /// the request `probe` measured (scenarios call [`Probe::report`]).
+    fn new(
         scenario: &crate::scenarios::Scenario,
         probe: &Probe,
         params: serde_json::Value,
@@ -143,7 +143,7 @@ impl Job {
     ) -> Job {
         Job {
             index,
-            ran_on: crate::runtime::current_place().to_owned(),
+            ran_on: crate::runtime::current_place(),
             thread: std::thread::current()
                 .name()
                 .unwrap_or("unnamed")

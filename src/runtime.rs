@@ -62,19 +62,21 @@ pub fn build(
 /// Where the calling code runs, in the words the scenario answers use:
 /// `"worker N"` on an application worker, `"blocking pool"` elsewhere
 /// (a `spawn_blocking` thread, or any thread outside the runtime).
-pub fn current_place() -> &'static str {
-    place(tokio::runtime::worker_index())
+pub fn current_place() -> String {
+    match tokio::runtime::worker_index() {
+        Some(index) => format!("worker {index}"),
+        None => BLOCKING_POOL.to_owned(),
+    }
 }
 
-/// `"worker N"` for worker `N`, else `"blocking pool"`. The names are made
-/// once: they go into every answer and every traced request.
-pub fn place(worker: Option<usize>) -> &'static str {
+/// `"worker N"` for the poll statistics' worker bit `N` (0..=63; workers
+/// past 63 share bit 63), else `"blocking pool"`. Made once: they go into
+/// every answer and every traced request.
+pub fn place(worker_bit: Option<usize>) -> &'static str {
     static WORKER_NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let names = WORKER_NAMES.get_or_init(|| (0..64).map(|n| format!("worker {n}")).collect());
-    match worker {
-        // Workers past 63 are named like 63; the poll statistics' worker
-        // bitmask has 64 bits.
-        Some(n) => names[n.min(63)].as_str(),
+    match worker_bit {
+        Some(bit) => names[bit.min(63)].as_str(),
         None => BLOCKING_POOL,
     }
 }
