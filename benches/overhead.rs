@@ -6,7 +6,7 @@
 //! (`OVERHEAD_SECS`, default 5, sets the measured window per run;
 //! `OVERHEAD_ROUNDS` (3), `OVERHEAD_CONNS` (32) and `OVERHEAD_CLIENT_THREADS`
 //! (1) the rest; `OVERHEAD_VARIANTS=all,all-no-watcher` runs a subset, named
-//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher. Run by `cargo test
+//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher, naive. Run by `cargo test
 //! --benches`, it only prints how to run it.)
 //!
 //! Variants, each a child process with 2 app worker threads:
@@ -21,7 +21,13 @@
 //! 6. the same with the stall watcher off (`STALL_LAB__STALL__WATCH=false`);
 //! 7. telemetry off and the stall watcher off: the cleanest view of what the
 //!    poll hooks and the watcher thread cost (6 and 7 are skipped when the
-//!    build does not know that key).
+//!    build does not know that key);
+//! 8. `naive`: the bare server again with the telemetry a first attempt
+//!    adds by following each crate's README (tower-http `TraceLayer`,
+//!    tracing-opentelemetry batching to the same receiver, tokio-console's
+//!    layer, fmt): the reference point of "a naive setup measures about
+//!    1.8×". It has none of stall-lab's per-request work (request task, poll
+//!    statistics, watcher, report).
 //!
 //! The load is a closed loop: `OVERHEAD_CONNS` keep-alive connections, each
 //! sending its next `GET /healthz` as soon as the previous answer arrived,
@@ -55,12 +61,18 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower_http::trace::{DefaultMakeSpan, TraceLayer};
+use tracing::Level;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
 
 /// The allocator stall-lab's binary uses (see `src/bin/stall-lab.rs`), so
 /// that the bare axum server differs from stall-lab by the instrumentation
@@ -70,6 +82,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Set in the child environment to run this binary as the bare axum server.
 const BARE_SERVER_ENV: &str = "OVERHEAD_BARE_SERVER";
+/// Its value for the naive everything-on server instead of the bare one.
+const NAIVE: &str = "naive";
 /// The real server, built by cargo for benches and integration tests.
 const STALL_LAB: &str = env!("CARGO_BIN_EXE_stall-lab");
 const REPRODUCE: &str = "cargo bench --bench overhead";
@@ -80,8 +94,8 @@ const WARMUP: Duration = Duration::from_secs(1);
 const SCRUBBED_PREFIXES: &[&str] = &["OTEL_", "STALL_LAB__", "TOKIO_CONSOLE_", "RUST_LOG"];
 
 fn main() -> ExitCode {
-    if std::env::var_os(BARE_SERVER_ENV).is_some() {
-        return bare_server();
+    if let Some(which) = std::env::var_os(BARE_SERVER_ENV) {
+        return bare_server(which == NAIVE);
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and a
     // test run must not spend minutes measuring.
@@ -102,7 +116,23 @@ fn main() -> ExitCode {
 // Variant 1: the bare axum server (this binary, re-executed)
 // ---------------------------------------------------------------------------
 
-fn bare_server() -> ExitCode {
+/// The bare axum hello-world; with `naive`, the same server with the
+/// telemetry a first attempt would add by following each crate's README
+/// (variant 8).
+fn bare_server(naive: bool) -> ExitCode {
+    // Before the runtime: the blocking HTTP client of the OTLP exporter
+    // cannot be built inside one.
+    let _provider = if naive {
+        match naive_telemetry() {
+            Ok(provider) => Some(provider),
+            Err(e) => {
+                eprintln!("naive server: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -121,10 +151,17 @@ fn bare_server() -> ExitCode {
         writeln!(out, "listening: app http://{addr}")?;
         out.flush()?;
         drop(out);
-        let app = Router::new().route(
+        let mut app = Router::new().route(
             "/healthz",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         );
+        if naive {
+            // tower-http's request span, at INFO so the OTLP layer keeps it.
+            app = app.layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(DefaultMakeSpan::new().level(Level::INFO)),
+            );
+        }
         axum::serve(listener, app).await
     });
     match result {
@@ -134,6 +171,36 @@ fn bare_server() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The reference point of the issue's "a naive setup measures about 1.8×":
+/// one subscriber with tokio-console's layer, tracing-opentelemetry batching
+/// to OTLP/HTTP and a fmt layer, each as its README shows it, plus
+/// tower-http's `TraceLayer` for the request span. No request task, no poll
+/// statistics, no stall watcher, no report: it answers `{"status":"ok"}`.
+fn naive_telemetry() -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| format!("OTLP exporter: {e}"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .build();
+    let tracer = provider.tracer("naive");
+    let console = console_subscriber::ConsoleLayer::builder()
+        .server_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .spawn();
+    tracing_subscriber::registry()
+        .with(console)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(EnvFilter::new("info")),
+        )
+        .with(tracing_subscriber::fmt::layer().with_filter(EnvFilter::from_default_env()))
+        .try_init()
+        .map_err(|e| format!("subscriber: {e}"))?;
+    Ok(provider)
 }
 
 // ---------------------------------------------------------------------------
@@ -149,10 +216,11 @@ enum Variant {
     All,
     AllNoWatcher,
     OffNoWatcher,
+    Naive,
 }
 
 impl Variant {
-    const EVERY: [Self; 7] = [
+    const EVERY: [Self; 8] = [
         Self::Bare,
         Self::Off,
         Self::Otlp,
@@ -160,6 +228,7 @@ impl Variant {
         Self::All,
         Self::AllNoWatcher,
         Self::OffNoWatcher,
+        Self::Naive,
     ];
 
     fn label(self) -> &'static str {
@@ -171,6 +240,7 @@ impl Variant {
             Self::All => "stall-lab, everything on",
             Self::AllNoWatcher => "stall-lab, everything on, stall watcher off",
             Self::OffNoWatcher => "stall-lab, telemetry off, stall watcher off",
+            Self::Naive => "naive axum: TraceLayer + OTLP + console",
         }
     }
 
@@ -184,19 +254,26 @@ impl Variant {
             Self::All => "all",
             Self::AllNoWatcher => "all-no-watcher",
             Self::OffNoWatcher => "off-no-watcher",
+            Self::Naive => "naive",
         }
     }
 
     fn exports_otlp(self) -> bool {
-        matches!(self, Self::Otlp | Self::All | Self::AllNoWatcher)
+        matches!(
+            self,
+            Self::Otlp | Self::All | Self::AllNoWatcher | Self::Naive
+        )
     }
 
     fn command(self, otlp_receiver: SocketAddr) -> Result<Command, String> {
-        let mut command = if self == Self::Bare {
+        let mut command = if matches!(self, Self::Bare | Self::Naive) {
             let exe = std::env::current_exe()
                 .map_err(|e| format!("cannot find this bench's own executable: {e}"))?;
             let mut c = Command::new(exe);
-            c.env(BARE_SERVER_ENV, "1");
+            c.env(
+                BARE_SERVER_ENV,
+                if self == Self::Naive { NAIVE } else { "1" },
+            );
             c
         } else {
             let mut c = Command::new(stall_lab_binary()?);
@@ -213,6 +290,13 @@ impl Variant {
             return Ok(command);
         }
         command.env("RUST_LOG", "warn");
+        if self == Self::Naive {
+            command.env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{otlp_receiver}"),
+            );
+            return Ok(command);
+        }
         if self.exports_otlp() {
             command
                 .env("STALL_LAB__TELEMETRY__OTLP", "true")
@@ -1105,6 +1189,13 @@ fn report(
     };
     target("everything on ≤ 1.5× bare axum", (4, 0), 1.5);
     target("telemetry off ≤ 1.05× bare axum", (1, 0), 1.05);
+    match (ratio(7, 0), ratio(4, 7)) {
+        (Some(naive), Some(ours)) => println!(
+            "  {:<62} {naive:.3}× bare (the issue: about 1.8×); everything on is {ours:.3}× naive",
+            "reference: the naive setup (variant 8)"
+        ),
+        _ => println!("  reference: the naive setup: n/a: {}", missing(7, 0)),
+    }
     target(
         "stall watcher ≤ 1.05× (telemetry off vs off-without-watcher)",
         (1, 6),
