@@ -141,6 +141,11 @@ impl PollStats {
         }
     }
 
+    /// When the clocks started: the request task's creation.
+    pub fn created(&self) -> Instant {
+        self.inner.created
+    }
+
     /// Records how long the request waited to be read (once; later calls
     /// are ignored).
     pub fn set_queued(&self, queued: Duration) {

@@ -47,10 +47,7 @@ impl Report {
         if let Some(queued) = stats.queued_ms
             && queued >= crate::scenarios::HOLD_MS
         {
-            verdict.push_str(&format!(
-                "; before that it waited {} to be read, while no worker was free",
-                fmt_ms(queued)
-            ));
+            verdict.push_str(&probe.why_unread(queued));
         }
         Report {
             scenario: scenario.route,
@@ -205,6 +202,11 @@ pub struct Probe {
     /// The request's trace id (`None` with OTLP off), read once from its
     /// server span by the middleware.
     pub trace_id: Option<std::sync::Arc<str>>,
+    /// The stall watcher's view of the workers (`None` when it is off), to
+    /// say who kept a request from being read.
+    pub monitor: Option<std::sync::Arc<crate::stall::Monitor>>,
+    /// The runtime's worker count.
+    pub workers: usize,
 }
 
 impl Probe {
@@ -218,6 +220,50 @@ impl Probe {
         verdict: String,
     ) -> Report {
         Report::new(scenario, self, params, stats, verdict)
+    }
+
+    /// The verdict's clause for a request whose bytes waited `queued_ms` in
+    /// the socket before anyone read them: which workers were held by a
+    /// stall meanwhile, as far as the stall watcher knows.
+    ///
+    /// "Held" and "not read" are not the same thing. On a multi-thread
+    /// runtime a request can wait for the whole stall of *one* worker while
+    /// another is free: the free one sleeps until something wakes it, and
+    /// the held one may have been the one polling the sockets (README, "A
+    /// free worker is not enough"). The clause says so when it happened.
+    fn why_unread(&self, queued_ms: f64) -> String {
+        let waited = format!("; before that it waited {} to be read", fmt_ms(queued_ms));
+        let Some(monitor) = &self.monitor else {
+            return waited;
+        };
+        let created = self.stats.created();
+        let arrived = created
+            .checked_sub(Duration::from_secs_f64(queued_ms / 1000.0))
+            .unwrap_or(created);
+        let held = monitor.workers_held_between(arrived, created);
+        let name = |w: &usize| format!("worker {w}");
+        if held.is_empty() {
+            waited
+        } else if held.len() >= self.workers {
+            if self.workers == 1 {
+                format!("{waited}, while the only worker was held by a stall")
+            } else {
+                format!("{waited}, while every worker was held by a stall")
+            }
+        } else {
+            let free: Vec<String> = (0..self.workers)
+                .filter(|w| !held.contains(w))
+                .map(|w| name(&w))
+                .collect();
+            let held: Vec<String> = held.iter().map(name).collect();
+            format!(
+                "{waited}: {} {} held by a stall, and {}, though free, did not pick it up \
+                 (see \"A free worker is not enough\" in the README)",
+                fmt_places(&held),
+                if held.len() == 1 { "was" } else { "were" },
+                fmt_places(&free),
+            )
+        }
     }
 
     /// Milliseconds since the request started.
@@ -266,5 +312,86 @@ pub fn fmt_places<S: AsRef<str>>(places: &[S]) -> String {
                 format!("{} and {last}", init.join(", "))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stall::Monitor;
+
+    /// A probe of a request created now on a runtime of `workers`, whose
+    /// monitor started 30 ms ago (so every instant below is after its epoch).
+    fn probe_on(workers: usize) -> (Probe, std::sync::Arc<Monitor>) {
+        let monitor = Monitor::new(workers, Duration::from_millis(1), 8, None);
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = Probe {
+            stats: PollStats::new(),
+            started: Instant::now(),
+            culprit: None,
+            trace_id: None,
+            monitor: Some(monitor.clone()),
+            workers,
+        };
+        (probe, monitor)
+    }
+
+    /// Worker `worker` was held from `from` to `to` ms before the request's
+    /// task was created.
+    fn held(probe: &Probe, monitor: &Monitor, worker: usize, from: u64, to: u64) {
+        let created = probe.stats.created();
+        monitor.note_long_poll_at(
+            worker,
+            created - Duration::from_millis(from),
+            created - Duration::from_millis(to),
+        );
+    }
+
+    #[test]
+    fn a_request_left_unread_beside_a_free_worker_says_so() {
+        let (probe, monitor) = probe_on(2);
+        held(&probe, &monitor, 0, 15, 2);
+        assert_eq!(
+            probe.why_unread(10.0),
+            "; before that it waited 10 ms to be read: worker 0 was held by a stall, \
+             and worker 1, though free, did not pick it up \
+             (see \"A free worker is not enough\" in the README)"
+        );
+    }
+
+    #[test]
+    fn a_request_left_unread_by_held_workers_blames_them_all() {
+        let (probe, monitor) = probe_on(2);
+        held(&probe, &monitor, 0, 15, 2);
+        held(&probe, &monitor, 1, 8, 1);
+        assert_eq!(
+            probe.why_unread(10.0),
+            "; before that it waited 10 ms to be read, while every worker was held by a stall"
+        );
+        let (single, monitor) = probe_on(1);
+        held(&single, &monitor, 0, 15, 2);
+        assert_eq!(
+            single.why_unread(10.0),
+            "; before that it waited 10 ms to be read, while the only worker was held by a stall"
+        );
+    }
+
+    #[test]
+    fn a_stall_outside_the_wait_is_not_blamed() {
+        let (probe, monitor) = probe_on(2);
+        // Ended before the request's bytes arrived (10 ms before creation).
+        held(&probe, &monitor, 0, 25, 12);
+        assert_eq!(
+            probe.why_unread(10.0),
+            "; before that it waited 10 ms to be read"
+        );
+        let unwatched = Probe {
+            monitor: None,
+            ..probe
+        };
+        assert_eq!(
+            unwatched.why_unread(10.0),
+            "; before that it waited 10 ms to be read"
+        );
     }
 }

@@ -111,6 +111,8 @@ pub async fn run_in_own_task(
         trace_id: ids
             .as_ref()
             .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
+        monitor: state.monitor.clone(),
+        workers: state.workers,
     };
     req.extensions_mut().insert(probe.clone());
     // Span outside, measurement inside: the event the measuring wrapper

@@ -13,7 +13,10 @@
 //! **What you will see.**
 //! - JSON: `polls` = 1, `busy_ms` ≈ `longest_poll_ms` ≈ `wall_ms` ≈ `ms`.
 //!   A `/healthz` sent meanwhile on `--flavor current_thread` waits the whole
-//!   `ms`; on `multi_thread` another worker answers it.
+//!   `ms`. On `multi_thread` another worker answers it if that worker is
+//!   awake; when this request came on a keep-alive connection (the
+//!   dashboard's buttons) it usually is not, and the `/healthz` waits too
+//!   (README, "A free worker is not enough").
 //! - tokio-console: a task `GET /block/sleep` that is Busy for the whole
 //!   `ms` with Polls = 1; past 1 s the console warns it has never yielded.
 //! - The fixed twin is `/coop/sleep`.

@@ -4,14 +4,19 @@
 //!
 //! **Why it matters.** Its latency *is* the executor's health. Fired while
 //! `/block/sleep` holds the only worker of a `current_thread` runtime, it
-//! waits for the whole sleep; on `multi_thread`, another worker answers it.
+//! waits for the whole sleep. On `multi_thread` another worker usually
+//! answers it, but not always: if the blocked worker was the one polling the
+//! sockets, tokio may leave the free worker asleep until the block ends
+//! (README, "A free worker is not enough"; `examples/free_worker.rs`).
 //! It is the victim, never the culprit.
 //!
 //! **What you will see.**
 //! - JSON: `wall_ms` and `busy_ms` of a few microseconds; `queued_ms` shows
-//!   how long its bytes sat in the socket before any worker could read them
-//!   (the whole stall, on a blocked `current_thread` runtime), and
-//!   `sched_delay_ms` how long its task then waited for a worker.
+//!   how long its bytes sat in the socket before a worker read them (the
+//!   whole stall, on a blocked `current_thread` runtime), and
+//!   `sched_delay_ms` how long its task then waited for a worker. When it
+//!   waited, the verdict says which workers were held meanwhile, and
+//!   whether a free one failed to pick it up.
 //! - tokio-console: short-lived `GET /healthz` tasks.
 
 use axum::extract::State;

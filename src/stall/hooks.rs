@@ -93,6 +93,7 @@ pub fn install(
             return;
         }
         // A long poll: now, and only now, do the expensive parts.
+        after.note_long_poll(worker, started_ns, ended_ns);
         let task = task_id(meta.id());
         let tid = slot.tid.load(Ordering::Relaxed);
         let _ = long_polls.send(LongPoll {

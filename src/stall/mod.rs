@@ -133,6 +133,13 @@ pub struct WorkerSlot {
     first_clock_at: AtomicU64,
     first_on_cpu: AtomicU64,
     first_waiting: AtomicU64,
+    /// The last finished poll of at least the threshold: start and end, in
+    /// nanoseconds since the epoch, plus one (0: none yet). Written by the
+    /// after-poll hook before the worker polls anything else, so a request
+    /// stuck behind that poll sees it when it finally runs, even before
+    /// the watcher thread has filed the stall.
+    last_long_poll_started: AtomicU64,
+    last_long_poll_ended: AtomicU64,
 }
 
 /// The state of one worker as reported by `/debug/runtime`.
@@ -278,6 +285,47 @@ impl Monitor {
             return None;
         }
         Some((seq, started - 1, task))
+    }
+
+    /// Notes on `worker`'s slot a finished poll of at least the threshold
+    /// (the after-poll hook calls it, before that worker polls anything
+    /// else).
+    pub(crate) fn note_long_poll(&self, worker: usize, started_ns: u64, ended_ns: u64) {
+        let Some(slot) = self.slots.get(worker) else {
+            return;
+        };
+        slot.last_long_poll_ended
+            .store(ended_ns + 1, Ordering::Relaxed);
+        slot.last_long_poll_started
+            .store(started_ns + 1, Ordering::Release);
+    }
+
+    /// [`Monitor::note_long_poll`] with instants, for tests elsewhere.
+    #[cfg(test)]
+    pub(crate) fn note_long_poll_at(&self, worker: usize, started: Instant, ended: Instant) {
+        self.note_long_poll(worker, self.ns_at(started), self.ns_at(ended));
+    }
+
+    /// The workers held by a poll of at least the threshold at some moment
+    /// between `from` and `to`: the one in progress, or the last one that
+    /// ended. (Only the last: a worker with two long polls since `to` is
+    /// missed, and the caller then says less, not something false.)
+    pub fn workers_held_between(&self, from: Instant, to: Instant) -> Vec<usize> {
+        let (from, to) = (self.ns_at(from), self.ns_at(to));
+        let now = self.now_ns();
+        let threshold = u64::try_from(self.threshold.as_nanos()).unwrap_or(u64::MAX);
+        (0..self.slots.len())
+            .filter(|&worker| {
+                let in_progress = self.current_poll(worker).is_some_and(|(_, started, _)| {
+                    started < to && now.saturating_sub(started) >= threshold
+                });
+                let slot = &self.slots[worker];
+                let started = slot.last_long_poll_started.load(Ordering::Acquire);
+                let ended = slot.last_long_poll_ended.load(Ordering::Acquire);
+                let finished = started != 0 && started - 1 < to && ended.saturating_sub(1) > from;
+                in_progress || finished
+            })
+            .collect()
     }
 
     /// Every worker's state, now.

@@ -43,24 +43,41 @@ async fn current_thread_a_blocking_handler_stalls_everyone_a_cooperative_one_doe
 async fn multi_thread_another_worker_answers_while_one_is_blocked() {
     let _exclusive = crate::helpers::exclusive().await;
     let app = spawn_app(&["--flavor", "multi_thread", "--workers", "2"], &[]);
-    let url = app.url("/block/sleep?ms=1500");
-    let background =
-        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
-    app.wait_for_stall().await;
-    // The best of a few probes: any one of them may land on the blocked
-    // worker's queue, but not all of them, because the free worker steals.
-    let mut best = Duration::MAX;
-    for _ in 0..5 {
-        let (status, latency) = app.timed_get("/healthz").await;
-        assert_eq!(status, 200);
-        best = best.min(latency);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Usually, not always: when the blocked worker was the one polling the
+    // sockets, tokio may leave the free one asleep, and every new request
+    // waits for the block to end ("A free worker is not enough" in the
+    // README; about 1 block in 4 here). So: up to ten blocks, and the
+    // lesson holds if during one of them a probe was answered quickly
+    // *while the block was still in progress* (a probe answered after it
+    // proves nothing).
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let url = app.url("/block/sleep?ms=500");
+        let background =
+            tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+        app.wait_for_stall().await;
+        let mut answered_during_block = None;
+        for _ in 0..5 {
+            let (status, latency) = app.timed_get("/healthz").await;
+            assert_eq!(status, 200);
+            if background.is_finished() {
+                break;
+            }
+            seen.push(latency);
+            if latency < Duration::from_millis(250) {
+                answered_during_block = Some(latency);
+                break;
+            }
+        }
+        let blocked = background.await.unwrap().unwrap();
+        assert_eq!(blocked.status(), 200);
+        if answered_during_block.is_some() {
+            return;
+        }
     }
-    let blocked = background.await.unwrap().unwrap();
-    assert_eq!(blocked.status(), 200);
-    assert!(
-        best < Duration::from_millis(250),
-        "best probe during a 1500 ms block took {best:?}"
+    panic!(
+        "in ten 500 ms blocks of one worker of two, no probe was answered \
+         within 250 ms while the block lasted (probes: {seen:?})"
     );
 }
 
@@ -138,7 +155,10 @@ async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
     assert!(as_f64(&victim, "queued_ms") >= 300.0, "{victim}");
     assert!(as_f64(&victim, "wall_ms") < 100.0, "{victim}");
     assert!(
-        victim["verdict"].as_str().unwrap().contains("waited"),
+        victim["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("to be read, while the only worker was held by a stall"),
         "{victim}"
     );
 
