@@ -250,6 +250,9 @@ pub struct ConsoleView {
 /// (`Field { name: StrName("task.name"), value: DebugVal/StrVal }`). A task
 /// spawned just before the watch starts may only appear in a *later* update
 /// (the aggregator hasn't drained its event buffer yet), hence the loop.
+/// The same task can also arrive twice: in the snapshot a new watcher gets,
+/// and again in the next update if the aggregator had not published it yet
+/// (seen on a loaded machine). Each task and resource counts once, by id.
 pub async fn console_view(
     addr: SocketAddr,
     done: impl Fn(&ConsoleView) -> bool,
@@ -260,6 +263,8 @@ pub async fn console_view(
     use console_api::instrument::instrument_client::InstrumentClient;
 
     let mut view = ConsoleView::default();
+    let mut seen_tasks = std::collections::HashSet::new();
+    let mut seen_resources = std::collections::HashSet::new();
     let attempt = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
@@ -278,6 +283,7 @@ pub async fn console_view(
                     tasks
                         .new_tasks
                         .iter()
+                        .filter(|t| seen_tasks.insert(t.id.as_ref().map(|id| id.id)))
                         .flat_map(|t| t.fields.iter())
                         .filter(|f| matches!(&f.name, Some(Name::StrName(n)) if n == "task.name"))
                         .filter_map(|f| match &f.value {
@@ -292,6 +298,7 @@ pub async fn console_view(
                     resources
                         .new_resources
                         .iter()
+                        .filter(|r| seen_resources.insert(r.id.as_ref().map(|id| id.id)))
                         .filter_map(|r| r.location.as_ref()?.file.clone()),
                 );
             }
