@@ -104,8 +104,9 @@ pub async fn run_in_own_task(
     {
         stats.set_queued(age);
     }
+    // The handler gets the probe; the middleware keeps the statistics.
     let probe = Probe {
-        stats,
+        stats: stats.clone(),
         started: Instant::now(),
         culprit: culprit.clone(),
         trace_id: ids
@@ -114,10 +115,10 @@ pub async fn run_in_own_task(
         monitor: state.monitor.clone(),
         workers: state.workers,
     };
-    req.extensions_mut().insert(probe.clone());
+    req.extensions_mut().insert(probe);
     // Span outside, measurement inside: the event the measuring wrapper
     // emits for a long poll lands on the request's span.
-    let mut work = probe.stats.measure(next.run(req));
+    let mut work = stats.measure(next.run(req));
     if let Some(monitor) = &state.monitor {
         work = work.report_polls_over(monitor.threshold, name.clone());
     }
@@ -148,7 +149,7 @@ pub async fn run_in_own_task(
         tracing::warn!("{notice}");
     }
 
-    record_outcome(&span, response.status(), &probe.stats);
+    record_outcome(&span, response.status(), &stats);
 
     // W3C Trace Context level 2: tells the client which trace to look up.
     if let Some((trace_id, span_id)) = ids
