@@ -1326,6 +1326,7 @@ fn app_runtime(
         watch,
         threshold_ms: 20,
         history: 16,
+        wake_idle_worker: false,
     };
     let w = watch.then(|| stall_lab::stall::start(1, &stall, None).expect("stall watcher starts"));
     let monitor = w.as_ref().map(|w| w.monitor.clone());

@@ -56,6 +56,10 @@ pub struct StallConfig {
     pub threshold_ms: u64,
     /// Finished stalls kept for /debug/stalls.
     pub history: usize,
+    /// At each stall, spawn an empty task from the watcher thread, which
+    /// wakes a sleeping worker to take over the I/O driver (README, "A free
+    /// worker is not enough"). Off: stall-lab shows the runtime as it is.
+    pub wake_idle_worker: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

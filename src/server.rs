@@ -63,6 +63,24 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         ),
         None => tracing::info!("stall watcher: off (stall.watch = false)"),
     }
+    if config.stall.wake_idle_worker {
+        match (&monitor, config.runtime.flavor) {
+            (Some(m), crate::config::Flavor::MultiThread) => {
+                m.wake_idle_workers_of(runtime.handle().clone());
+                tracing::info!(
+                    "stall watcher: wakes an idle worker when a stall begins \
+                     (stall.wake_idle_worker), so new requests are read during one-worker stalls"
+                );
+            }
+            (None, _) => tracing::warn!(
+                "stall.wake_idle_worker needs the stall watcher (stall.watch = true); ignored"
+            ),
+            (Some(_), _) => tracing::warn!(
+                "stall.wake_idle_worker does nothing on a current_thread runtime \
+                 (there is no other worker to wake); ignored"
+            ),
+        }
+    }
 
     // Bound before the runtime runs, so the admin server knows the app's
     // address (port 0 included).

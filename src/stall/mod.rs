@@ -187,6 +187,9 @@ pub struct StallRecord {
     pub jaeger_url: Option<String>,
 }
 
+/// Task name of the empty task that wakes an idle worker at a stall.
+pub const WAKE_TASK_NAME: &str = "stall watcher: wake an idle worker";
+
 /// What the runtime builder needs to install the poll hooks.
 pub struct Watch {
     pub monitor: Arc<Monitor>,
@@ -229,6 +232,9 @@ pub struct Monitor {
     /// Base URL of the Jaeger UI, for `jaeger_url` links (none when traces
     /// are not exported).
     jaeger_ui_url: Option<String>,
+    /// The application runtime, when the watcher is to wake an idle worker
+    /// at each stall (`stall.wake_idle_worker`).
+    wake: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Monitor {
@@ -251,11 +257,32 @@ impl Monitor {
             history_len,
             total: AtomicU64::new(0),
             jaeger_ui_url: jaeger_ui_url.map(|url| url.trim_end_matches('/').to_owned()),
+            wake: std::sync::OnceLock::new(),
         })
     }
 
     pub fn workers(&self) -> usize {
         self.slots.len()
+    }
+
+    /// From now on, the watcher wakes an idle worker of `app` whenever a
+    /// stall begins (see [`Monitor::wake_an_idle_worker`]).
+    pub fn wake_idle_workers_of(&self, app: tokio::runtime::Handle) {
+        let _ = self.wake.set(app);
+    }
+
+    /// Spawns an empty task on the application runtime from this (non-
+    /// worker) thread, if asked to. A task arriving from outside goes to the
+    /// runtime's shared queue and unparks a sleeping worker. That worker runs
+    /// it, finds nothing else to do, and parks again, this time on the I/O
+    /// driver, which the blocked worker let go of when it woke. From then on
+    /// sockets are read and timers fire although one worker is held.
+    fn wake_an_idle_worker(&self) {
+        if let Some(app) = self.wake.get() {
+            let _ = tokio::task::Builder::new()
+                .name(WAKE_TASK_NAME)
+                .spawn_on(async {}, app);
+        }
     }
 
     /// Nanoseconds since the epoch, for the slots' timestamps.

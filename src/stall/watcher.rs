@@ -129,6 +129,7 @@ fn tick(monitor: &Monitor, watched: &mut [Watched]) {
             let elapsed = Duration::from_nanos(now.saturating_sub(started));
             if elapsed >= monitor.threshold && w.announced != Some(seq) {
                 w.announced = Some(seq);
+                monitor.wake_an_idle_worker();
                 let culprit = monitor.culprits.get(task);
                 match culprit.as_deref() {
                     Some(c) => tracing::warn!(

@@ -165,3 +165,60 @@ async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
     let calm: serde_json::Value = app.get_json("/healthz").await;
     assert!(as_f64(&calm, "queued_ms") < 100.0, "{calm}");
 }
+
+/// Fires `/block/sleep?ms=1000` from the dashboard's proxy (`/api/fire`,
+/// whose client keeps its connection to the app alive) `blocks` times, and
+/// during each stall times one `/healthz` on a fresh connection. Returns how
+/// many of those probes waited for most of the stall.
+async fn probes_left_unread(app: &TestApp, blocks: usize) -> usize {
+    let fire = app.admin_url("/api/fire?path=%2Fblock%2Fsleep%3Fms%3D1000");
+    let mut waited = 0;
+    for _ in 0..blocks {
+        let stall = {
+            let fire = fire.clone();
+            tokio::spawn(async move { crate::helpers::fresh_client().get(fire).send().await })
+        };
+        app.wait_for_stall().await;
+        let (status, latency) = app.timed_get("/healthz").await;
+        assert_eq!(status, 200);
+        if latency >= Duration::from_millis(500) {
+            waited += 1;
+        }
+        assert_eq!(stall.await.unwrap().unwrap().status(), 200);
+    }
+    waited
+}
+
+#[tokio::test]
+async fn a_free_worker_is_not_enough_unless_the_watcher_wakes_it() {
+    let _exclusive = crate::helpers::exclusive().await;
+    // As tokio 1.54 is: the worker that wakes for the keep-alive connection's
+    // request was the one parked on the I/O driver, and nothing wakes the
+    // other to take it over, so new requests wait for the stall (7 stalls
+    // of 8 here). Should tokio start handing the driver over (#4730), this
+    // fails, and the README's "A free worker is not enough" needs rewriting.
+    let as_is = spawn_app(&["--workers", "2"], &[]);
+    let waited = probes_left_unread(&as_is, 5).await;
+    assert!(
+        waited >= 1,
+        "in 5 one-worker stalls no /healthz waited: the free worker always picked it up"
+    );
+    // With the watcher spawning an empty task as each stall begins, a
+    // sleeping worker wakes and takes the driver: nobody waits.
+    let woken = spawn_app(
+        &["--workers", "2"],
+        &[("STALL_LAB__STALL__WAKE_IDLE_WORKER", "true")],
+    );
+    assert_eq!(
+        probes_left_unread(&woken, 5).await,
+        0,
+        "a /healthz waited for a one-worker stall although the watcher woke an idle worker"
+    );
+    assert!(
+        woken
+            .logs()
+            .contains("wakes an idle worker when a stall begins"),
+        "{}",
+        woken.logs()
+    );
+}
