@@ -15,7 +15,9 @@
 //! until something notifies them. When the worker that was driving picks up
 //! the blocking task, nothing may wake an idle one to take over the driver,
 //! so timers fire late although a worker is free. A blocked worker can delay
-//! more than its own queue.
+//! more than its own queue. (README, "A free worker is not enough";
+//! `stall.wake_idle_worker` makes the stall watcher wake an idle worker, and
+//! the probe then stays on time during a one-worker stall.)
 //!
 //! When the runtime is completely stuck the probe cannot report at all; the
 //! admin server notices that its last report is overdue and shows the probe
