@@ -208,17 +208,31 @@ async fn the_stall_budget_is_global_and_answers_503_with_retry_after() {
                 .map(|r| r.status())
         })
     };
-    // Until the holder has its permit, a stalling request gets through.
+    // Wait until its job runs on the blocking pool: it took the permit
+    // before spawning the job. (Not by probing a stalling route until one
+    // is refused: a probe holding the only permit at the wrong moment would
+    // get the holder itself refused.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while app.get("/block/sleep?ms=0").await.status() != 503 {
+    loop {
+        let runtime = app.admin_json("/debug/runtime").await;
+        let busy = runtime["blocking_threads"].as_u64().unwrap()
+            - runtime["idle_blocking_threads"].as_u64().unwrap();
+        if busy >= 1 {
+            break;
+        }
+        assert!(!holder.is_finished(), "the holder ended before its job ran");
         assert!(
             std::time::Instant::now() < deadline,
-            "the holder never took its permit"
+            "the holder's job never ran: {runtime}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Other stalling routes: the budget is shared, not per route.
-    for path in ["/block/cpu?ms=10", "/fanout/spawn?n=2&ms=10"] {
+    // The other stalling routes: the budget is shared, not per route.
+    for path in [
+        "/block/sleep?ms=10",
+        "/block/cpu?ms=10",
+        "/fanout/spawn?n=2&ms=10",
+    ] {
         let response = crate::helpers::fresh_client()
             .get(app.url(path))
             .send()
