@@ -334,24 +334,40 @@ impl Monitor {
     }
 
     /// The workers held by a poll of at least the threshold at some moment
-    /// between `from` and `to`: the one in progress, or the last one that
-    /// ended. (Only the last: a worker with two long polls since `to` is
-    /// missed, and the caller then says less, not something false.)
+    /// between `from` and `to`: the one in progress, the last one that
+    /// ended (noted by the hook, possibly not filed yet), or any filed stall.
     pub fn workers_held_between(&self, from: Instant, to: Instant) -> Vec<usize> {
         let (from, to) = (self.ns_at(from), self.ns_at(to));
+        let overlaps = |started: u64, ended: u64| started < to && ended > from;
         let now = self.now_ns();
         let threshold = u64::try_from(self.threshold.as_nanos()).unwrap_or(u64::MAX);
-        (0..self.slots.len())
-            .filter(|&worker| {
+        let mut held: Vec<bool> = (0..self.slots.len())
+            .map(|worker| {
                 let in_progress = self.current_poll(worker).is_some_and(|(_, started, _)| {
-                    started < to && now.saturating_sub(started) >= threshold
+                    now.saturating_sub(started) >= threshold && overlaps(started, now)
                 });
                 let slot = &self.slots[worker];
                 let started = slot.last_long_poll_started.load(Ordering::Acquire);
                 let ended = slot.last_long_poll_ended.load(Ordering::Acquire);
-                let finished = started != 0 && started - 1 < to && ended.saturating_sub(1) > from;
-                in_progress || finished
+                let last = started != 0 && overlaps(started - 1, ended.saturating_sub(1));
+                in_progress || last
             })
+            .collect();
+        // The slot keeps only a worker's last long poll; the history has the
+        // earlier ones (to the millisecond, which is plenty here).
+        let history = self.history.lock().expect("history lock");
+        for stall in history.iter() {
+            let started = (stall.started_at_ms * 1_000_000).saturating_sub(self.epoch_unix_ns);
+            let ended = started + (stall.duration_ms * 1e6) as u64;
+            if overlaps(started, ended)
+                && let Some(h) = held.get_mut(stall.worker)
+            {
+                *h = true;
+            }
+        }
+        held.iter()
+            .enumerate()
+            .filter_map(|(worker, &h)| h.then_some(worker))
             .collect()
     }
 
@@ -436,5 +452,50 @@ impl Monitor {
             "recent": self.recent_stalls(recent),
             "total": self.total_stalls(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A monitor of two workers whose epoch is 50 ms in the past, and "now".
+    fn monitor() -> (Arc<Monitor>, Instant) {
+        let monitor = Monitor::new(2, Duration::from_millis(1), 8, None);
+        std::thread::sleep(Duration::from_millis(50));
+        (monitor, Instant::now())
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_worker_is_held_by_a_long_poll_that_overlaps_the_interval() {
+        let (monitor, now) = monitor();
+        monitor.note_long_poll_at(1, now - ms(30), now - ms(5));
+        assert_eq!(monitor.workers_held_between(now - ms(10), now), vec![1]);
+        // Ended before the interval began: not held.
+        assert!(monitor.workers_held_between(now - ms(4), now).is_empty());
+    }
+
+    #[test]
+    fn an_earlier_stall_still_counts_once_the_slot_holds_a_later_one() {
+        let (monitor, now) = monitor();
+        // Worker 0 was held during the interval, and the watcher filed it…
+        monitor.file(StallRecord {
+            id: 0,
+            worker: 0,
+            started_at_ms: monitor.unix_ms(monitor.ns_at(now - ms(30))),
+            duration_ms: 25.0,
+            on_cpu_ms: None,
+            cpu: "unknown",
+            culprit: None,
+            task_id: 1,
+            jaeger_url: None,
+        });
+        // …but its slot now records a later long poll, after the interval.
+        monitor.note_long_poll_at(0, now + ms(1), now + ms(3));
+        assert_eq!(monitor.workers_held_between(now - ms(10), now), vec![0]);
     }
 }
