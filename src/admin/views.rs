@@ -134,6 +134,7 @@ pub fn stalls_document(state: &AdminState) -> Value {
             "in_progress": [],
             "recent": [],
             "total": 0,
+            "wake_idle_worker": false,
         }),
     }
 }

@@ -451,6 +451,8 @@ impl Monitor {
             "in_progress": self.active_stalls(),
             "recent": self.recent_stalls(recent),
             "total": self.total_stalls(),
+            // Whether the watcher wakes an idle worker as a stall begins.
+            "wake_idle_worker": self.wake.get().is_some(),
         })
     }
 }

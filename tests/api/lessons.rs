@@ -221,4 +221,12 @@ async fn a_free_worker_is_not_enough_unless_the_watcher_wakes_it() {
         "{}",
         woken.logs()
     );
+    assert_eq!(
+        woken.admin_json("/debug/stalls").await["wake_idle_worker"],
+        true
+    );
+    assert_eq!(
+        as_is.admin_json("/debug/stalls").await["wake_idle_worker"],
+        false
+    );
 }
