@@ -205,8 +205,6 @@ pub struct Probe {
     /// The stall watcher's view of the workers (`None` when it is off), to
     /// say who kept a request from being read.
     pub monitor: Option<std::sync::Arc<crate::stall::Monitor>>,
-    /// The runtime's worker count.
-    pub workers: usize,
 }
 
 impl Probe {
@@ -241,17 +239,18 @@ impl Probe {
             .checked_sub(Duration::from_secs_f64(queued_ms / 1000.0))
             .unwrap_or(created);
         let held = monitor.workers_held_between(arrived, created);
+        let workers = monitor.workers();
         let name = |w: &usize| format!("worker {w}");
         if held.is_empty() {
             waited
-        } else if held.len() >= self.workers {
-            if self.workers == 1 {
+        } else if held.len() >= workers {
+            if workers == 1 {
                 format!("{waited}, while the only worker was held by a stall")
             } else {
                 format!("{waited}, while every worker was held by a stall")
             }
         } else {
-            let free: Vec<String> = (0..self.workers)
+            let free: Vec<String> = (0..workers)
                 .filter(|w| !held.contains(w))
                 .map(|w| name(&w))
                 .collect();
@@ -331,7 +330,6 @@ mod tests {
             culprit: None,
             trace_id: None,
             monitor: Some(monitor.clone()),
-            workers,
         };
         (probe, monitor)
     }

@@ -113,7 +113,6 @@ pub async fn run_in_own_task(
             .as_ref()
             .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
         monitor: state.monitor.clone(),
-        workers: state.workers,
     };
     req.extensions_mut().insert(probe);
     // Span outside, measurement inside: the event the measuring wrapper
