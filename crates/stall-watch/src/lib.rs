@@ -1,0 +1,1 @@
+//! stall-watch: live stall detection for tokio runtimes (work in progress).
