@@ -1317,28 +1317,22 @@ impl WatcherCost {
     }
 }
 
-fn app_runtime(
-    watch: bool,
-) -> (
-    tokio::runtime::Runtime,
-    Option<Arc<stall_lab::stall::Monitor>>,
-) {
+fn app_runtime(watch: bool) -> (tokio::runtime::Runtime, Option<stall_watch::Watch>) {
     let config = stall_lab::config::RuntimeConfig {
         flavor: stall_lab::config::Flavor::CurrentThread,
         worker_threads: 1,
         max_blocking_threads: 1,
     };
-    let stall = stall_lab::config::StallConfig {
-        watch,
-        threshold_ms: 20,
-        history: 16,
-        wake_idle_worker: false,
-    };
-    let w = watch.then(|| stall_lab::stall::start(1, &stall, None).expect("stall watcher starts"));
-    let monitor = w.as_ref().map(|w| w.monitor.clone());
+    let w = watch.then(|| {
+        stall_watch::Watch::new(
+            stall_watch::Config::default()
+                .threshold(Duration::from_millis(20))
+                .history(16),
+        )
+    });
     (
-        stall_lab::runtime::build(&config, w).expect("runtime builds"),
-        monitor,
+        stall_lab::runtime::build(&config, w.as_ref()).expect("runtime builds"),
+        w,
     )
 }
 
@@ -1369,23 +1363,17 @@ fn measure_watcher_cost() -> WatcherCost {
     }
 
     // Registry: what request.rs does per request when the watcher runs.
-    let (runtime, monitor) = app_runtime(true);
-    let monitor = monitor.expect("watcher on");
+    let (runtime, watch) = app_runtime(true);
+    let watch = watch.expect("watcher on");
     let registry_ns = runtime.block_on(async {
         let id = tokio::spawn(async {}).id();
-        let culprit = Arc::new(stall_lab::stall::Culprit {
-            route: Arc::from("GET /healthz"),
-            task: Arc::from("GET /healthz"),
-            trace_id: None,
-            span_id: None,
-        });
+        let culprit = Arc::new(stall_watch::Culprit::new("GET /healthz"));
         let n = 200_000u32;
         let mut best = f64::MAX;
         for _ in 0..RUNS {
             let start = Instant::now();
             for _ in 0..n {
-                monitor.culprits.register(id, culprit.clone());
-                monitor.culprits.unregister(id);
+                drop(watch.track(id, culprit.clone()));
             }
             best = best.min(start.elapsed().as_nanos() as f64 / f64::from(n));
         }

@@ -45,6 +45,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Base URL of the Jaeger UI for trace links.
     pub jaeger_ui_url: String,
+    /// Host names the admin server answers besides loopback ones.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +62,9 @@ pub struct StallConfig {
     /// wakes a sleeping worker to take over the I/O driver (README, "A free
     /// worker is not enough"). Off: stall-lab shows the runtime as it is.
     pub wake_idle_worker: bool,
+    /// Capture the held worker's stack during a stall (Linux x86_64 and
+    /// aarch64).
+    pub stacks: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,6 +20,14 @@ use std::time::{Duration, Instant};
 /// is a negligible share of the work.
 pub const ROUNDS_PER_CLOCK_CHECK: u64 = 4096;
 
+/// CPU time the calling thread has run so far, from the kernel's scheduler
+/// clock (`/proc/thread-self/schedstat`; `None` where there is none).
+pub fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let on_cpu_ns = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(on_cpu_ns))
+}
+
 /// Burns CPU on the calling thread for `duration`, then returns how many
 /// rounds of work it did.
 pub fn burn(duration: Duration) -> u64 {

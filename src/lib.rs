@@ -41,6 +41,5 @@ pub mod runtime;
 pub mod scenarios;
 pub mod server;
 pub mod shutdown;
-pub mod stall;
 pub mod state;
 pub mod telemetry;

@@ -26,6 +26,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use stall_watch::Place;
 
 /// Shared, thread-safe poll statistics of one measured future.
 ///
@@ -67,13 +68,13 @@ struct State {
 }
 
 impl State {
-    fn places(&self) -> Vec<&'static str> {
-        let mut places: Vec<&'static str> = (0..64)
+    fn places(&self) -> Vec<Place> {
+        let mut places: Vec<Place> = (0..64)
             .filter(|bit| self.workers & (1 << bit) != 0)
-            .map(|bit| crate::runtime::place(Some(bit)))
+            .map(Place::Worker)
             .collect();
         if self.off_worker {
-            places.push(crate::runtime::place(None));
+            places.push(Place::BlockingPool);
         }
         places
     }
@@ -95,7 +96,7 @@ pub struct Snapshot {
     pub queued_ms: Option<f64>,
     /// `"worker N"` for each application worker that polled the future, or
     /// `"blocking pool"`.
-    pub workers: Vec<&'static str>,
+    pub workers: Vec<Place>,
 }
 
 impl Default for PollStats {
@@ -244,7 +245,7 @@ impl<F: Future> Future for Measured<F> {
         if let Some((threshold, label)) = &this.long_poll
             && took >= *threshold
         {
-            let place = crate::runtime::current_place();
+            let place = Place::current();
             // The message starts with "held …" (the span event's name in
             // Jaeger). Not logged: the stall watcher logs the same stall.
             tracing::warn!(
@@ -307,7 +308,7 @@ mod tests {
         assert_eq!(s.polls, 2, "{s:?}");
         assert!(s.wall_ms >= 50.0, "{s:?}");
         assert!(s.busy_ms < 20.0, "{s:?}");
-        assert_eq!(s.workers, vec!["worker 0"]);
+        assert_eq!(s.workers, vec![Place::Worker(0)]);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Json, Response};
 use serde::Serialize;
 
 use crate::error::AppError;
+use stall_watch::{Culprit, Place, Watch};
+
 use crate::measure::{PollStats, Snapshot, ms};
 
 /// The JSON body of every scenario.
@@ -71,19 +73,6 @@ impl Report {
     }
 }
 
-/// Awaits every job's `JoinHandle`, in order.
-pub async fn join_jobs(handles: Vec<tokio::task::JoinHandle<Job>>) -> Result<Vec<Job>, AppError> {
-    let mut jobs = Vec::with_capacity(handles.len());
-    for handle in handles {
-        jobs.push(
-            handle
-                .await
-                .map_err(|e| AppError::Internal(format!("job failed: {e}")))?,
-        );
-    }
-    Ok(jobs)
-}
-
 impl IntoResponse for Report {
     fn into_response(self) -> Response {
         Json(self).into_response()
@@ -97,7 +86,7 @@ impl IntoResponse for Report {
 pub struct Job {
     pub index: usize,
     /// `"worker N"` or `"blocking pool"`: where the job's code ran.
-    pub ran_on: String,
+    pub ran_on: Place,
     /// The OS thread's name, e.g. `app-rt-3`: tells blocking-pool threads apart.
     pub thread: String,
     pub start_ms: f64,
@@ -117,15 +106,14 @@ impl Job {
     /// Runs `ms` of CPU work on the calling thread and records it as job
     /// `index` of a request that started at `request_started`.
     pub fn cpu(index: usize, ms: u64, request_started: Instant) -> Job {
-        let clock = || crate::stall::cpu::current_tid().and_then(crate::stall::cpu::thread_clock);
-        let clock_before = clock();
+        let clock_before = crate::cpu::thread_cpu_time();
         let start = Instant::now();
         crate::cpu::burn(std::time::Duration::from_millis(ms));
         let end = Instant::now();
         let mut job = Job::record(index, request_started, start, end, end - start);
         job.cpu_ms = clock_before
-            .zip(clock())
-            .map(|(before, after)| self::ms(Duration::from_nanos(after.since(before).on_cpu_ns)));
+            .zip(crate::cpu::thread_cpu_time())
+            .map(|(before, after)| self::ms(after.saturating_sub(before)));
         job
     }
 
@@ -140,7 +128,7 @@ impl Job {
     ) -> Job {
         Job {
             index,
-            ran_on: crate::runtime::current_place(),
+            ran_on: Place::current(),
             thread: std::thread::current()
                 .name()
                 .unwrap_or("unnamed")
@@ -172,21 +160,20 @@ pub fn parallelism(jobs: &[Job]) -> f64 {
     }
 }
 
-/// The distinct places (workers or blocking threads) the jobs ran on.
-pub fn job_places(jobs: &[Job]) -> Vec<String> {
-    let mut places: Vec<String> = jobs
-        .iter()
-        .map(|j| {
-            if j.ran_on == crate::runtime::BLOCKING_POOL {
-                format!("{} thread {}", j.ran_on, j.thread)
-            } else {
-                j.ran_on.clone()
-            }
-        })
-        .collect();
+/// The distinct places (workers, or the blocking pool) the jobs ran on.
+pub fn job_places(jobs: &[Job]) -> Vec<Place> {
+    let mut places: Vec<Place> = jobs.iter().map(|j| j.ran_on).collect();
     places.sort();
     places.dedup();
     places
+}
+
+/// How many distinct threads the jobs ran on.
+pub fn job_threads(jobs: &[Job]) -> usize {
+    let mut threads: Vec<&str> = jobs.iter().map(|j| j.thread.as_str()).collect();
+    threads.sort_unstable();
+    threads.dedup();
+    threads.len()
 }
 
 /// The request's own poll statistics, handed to the handler by the request
@@ -198,13 +185,13 @@ pub struct Probe {
     pub started: Instant,
     /// Who this request is, for naming the tasks it spawns to the stall
     /// watcher (`None` when the watcher is off).
-    pub culprit: Option<std::sync::Arc<crate::stall::Culprit>>,
+    pub culprit: Option<std::sync::Arc<Culprit>>,
     /// The request's trace id (`None` with OTLP off), read once from its
     /// server span by the middleware.
     pub trace_id: Option<std::sync::Arc<str>>,
-    /// The stall watcher's view of the workers (`None` when it is off), to
-    /// say who kept a request from being read.
-    pub monitor: Option<std::sync::Arc<crate::stall::Monitor>>,
+    /// The stall watcher (`None` when it is off), to say who kept a request
+    /// from being read.
+    pub watch: Option<Watch>,
 }
 
 impl Probe {
@@ -230,44 +217,43 @@ impl Probe {
     /// the held one may have been the one polling the sockets (README, "A
     /// free worker is not enough"). The clause says so when it happened.
     fn why_unread(&self, queued_ms: f64) -> String {
-        let waited = format!("; before that it waited {} to be read", fmt_ms(queued_ms));
-        let Some(monitor) = &self.monitor else {
-            return waited;
+        let Some(watch) = &self.watch else {
+            return unread_clause(queued_ms, &[], 0);
         };
         let created = self.stats.created();
         let arrived = created
             .checked_sub(Duration::from_secs_f64(queued_ms / 1000.0))
             .unwrap_or(created);
-        let held = monitor.workers_held_between(arrived, created);
-        let workers = monitor.workers();
-        let name = |w: &usize| format!("worker {w}");
-        if held.is_empty() {
-            waited
-        } else if held.len() >= workers {
-            if workers == 1 {
-                format!("{waited}, while the only worker was held by a stall")
-            } else {
-                format!("{waited}, while every worker was held by a stall")
-            }
-        } else {
-            let free: Vec<String> = (0..workers)
-                .filter(|w| !held.contains(w))
-                .map(|w| name(&w))
-                .collect();
-            let held: Vec<String> = held.iter().map(name).collect();
-            format!(
-                "{waited}: {} {} held by a stall, and {}, though free, did not pick it up \
-                 (see \"A free worker is not enough\" in the README)",
-                fmt_places(&held),
-                if held.len() == 1 { "was" } else { "were" },
-                fmt_places(&free),
-            )
-        }
+        let held = watch.workers_held_between(arrived, created);
+        unread_clause(queued_ms, &held, watch.workers().len())
     }
+}
 
-    /// Milliseconds since the request started.
-    pub fn since_start(&self, at: Instant) -> f64 {
-        ms(at.saturating_duration_since(self.started))
+/// The clause of [`Probe::why_unread`] for a request that waited `queued_ms`
+/// while the workers `held` (of `workers`) were held by a stall.
+fn unread_clause(queued_ms: f64, held: &[usize], workers: usize) -> String {
+    let waited = format!("; before that it waited {} to be read", fmt_ms(queued_ms));
+    if held.is_empty() {
+        waited
+    } else if held.len() >= workers {
+        if workers == 1 {
+            format!("{waited}, while the only worker was held by a stall")
+        } else {
+            format!("{waited}, while every worker was held by a stall")
+        }
+    } else {
+        let free: Vec<Place> = (0..workers)
+            .filter(|w| !held.contains(w))
+            .map(Place::Worker)
+            .collect();
+        let held: Vec<Place> = held.iter().copied().map(Place::Worker).collect();
+        format!(
+            "{waited}: {} {} held by a stall, and {}, though free, did not pick it up \
+             (see \"A free worker is not enough\" in the README)",
+            fmt_places(&held),
+            if held.len() == 1 { "was" } else { "were" },
+            fmt_places(&free),
+        )
     }
 }
 
@@ -293,64 +279,37 @@ pub fn fmt_ms(value: f64) -> String {
     }
 }
 
-/// "worker 1", "workers 0 and 1", "workers 0, 1 and 2".
-pub fn fmt_places<S: AsRef<str>>(places: &[S]) -> String {
-    let mut places: Vec<&str> = places.iter().map(AsRef::as_ref).collect();
+/// "worker 1", "workers 0 and 1", "workers 0, 1 and 2", "worker 0 and
+/// blocking pool".
+pub fn fmt_places(places: &[Place]) -> String {
+    let mut places = places.to_vec();
     places.sort();
     places.dedup();
-    match places.as_slice() {
-        [] => "no thread".to_owned(),
-        [one] => (*one).to_owned(),
-        [init @ .., last] => {
-            let all_workers = places.iter().all(|p| p.starts_with("worker "));
-            if all_workers {
-                let numbers: Vec<&str> = places.iter().map(|p| &p["worker ".len()..]).collect();
-                let (init, last) = numbers.split_at(numbers.len() - 1);
-                format!("workers {} and {}", init.join(", "), last[0])
-            } else {
-                format!("{} and {last}", init.join(", "))
-            }
-        }
+    let workers: Vec<String> = places
+        .iter()
+        .filter_map(|p| p.worker().map(|w| w.to_string()))
+        .collect();
+    let list = |items: &[String]| match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    };
+    match (places.as_slice(), workers.len() == places.len()) {
+        ([], _) => "no thread".to_owned(),
+        ([one], _) => one.to_string(),
+        (_, true) => format!("workers {}", list(&workers)),
+        (_, false) => list(&places.iter().map(ToString::to_string).collect::<Vec<_>>()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stall::Monitor;
-
-    /// A probe of a request created now on a runtime of `workers`, whose
-    /// monitor started 30 ms ago (so every instant below is after its epoch).
-    fn probe_on(workers: usize) -> (Probe, std::sync::Arc<Monitor>) {
-        let monitor = Monitor::new(workers, Duration::from_millis(1), 8, None);
-        std::thread::sleep(Duration::from_millis(30));
-        let probe = Probe {
-            stats: PollStats::new(),
-            started: Instant::now(),
-            culprit: None,
-            trace_id: None,
-            monitor: Some(monitor.clone()),
-        };
-        (probe, monitor)
-    }
-
-    /// Worker `worker` was held from `from` to `to` ms before the request's
-    /// task was created.
-    fn held(probe: &Probe, monitor: &Monitor, worker: usize, from: u64, to: u64) {
-        let created = probe.stats.created();
-        monitor.note_long_poll_at(
-            worker,
-            created - Duration::from_millis(from),
-            created - Duration::from_millis(to),
-        );
-    }
 
     #[test]
     fn a_request_left_unread_beside_a_free_worker_says_so() {
-        let (probe, monitor) = probe_on(2);
-        held(&probe, &monitor, 0, 15, 2);
         assert_eq!(
-            probe.why_unread(10.0),
+            unread_clause(10.0, &[0], 2),
             "; before that it waited 10 ms to be read: worker 0 was held by a stall, \
              and worker 1, though free, did not pick it up \
              (see \"A free worker is not enough\" in the README)"
@@ -359,37 +318,40 @@ mod tests {
 
     #[test]
     fn a_request_left_unread_by_held_workers_blames_them_all() {
-        let (probe, monitor) = probe_on(2);
-        held(&probe, &monitor, 0, 15, 2);
-        held(&probe, &monitor, 1, 8, 1);
         assert_eq!(
-            probe.why_unread(10.0),
+            unread_clause(10.0, &[0, 1], 2),
             "; before that it waited 10 ms to be read, while every worker was held by a stall"
         );
-        let (single, monitor) = probe_on(1);
-        held(&single, &monitor, 0, 15, 2);
         assert_eq!(
-            single.why_unread(10.0),
+            unread_clause(10.0, &[0], 1),
             "; before that it waited 10 ms to be read, while the only worker was held by a stall"
         );
     }
 
     #[test]
-    fn a_stall_outside_the_wait_is_not_blamed() {
-        let (probe, monitor) = probe_on(2);
-        // Ended before the request's bytes arrived (10 ms before creation).
-        held(&probe, &monitor, 0, 25, 12);
+    fn a_wait_without_a_stall_blames_no_one() {
         assert_eq!(
-            probe.why_unread(10.0),
+            unread_clause(10.0, &[], 2),
             "; before that it waited 10 ms to be read"
         );
-        let unwatched = Probe {
-            monitor: None,
-            ..probe
-        };
+    }
+
+    #[test]
+    fn places_read_as_plain_words() {
+        use Place::{BlockingPool, Worker};
+        assert_eq!(fmt_places(&[Worker(1)]), "worker 1");
         assert_eq!(
-            unwatched.why_unread(10.0),
-            "; before that it waited 10 ms to be read"
+            fmt_places(&[Worker(1), Worker(0), Worker(1)]),
+            "workers 0 and 1"
         );
+        assert_eq!(
+            fmt_places(&[Worker(0), Worker(1), Worker(2)]),
+            "workers 0, 1 and 2"
+        );
+        assert_eq!(
+            fmt_places(&[BlockingPool, Worker(0)]),
+            "worker 0 and blocking pool"
+        );
+        assert_eq!(fmt_places(&[]), "no thread");
     }
 }

@@ -91,9 +91,9 @@ pub async fn run_in_own_task(
     let ids = crate::telemetry::span_ids(&span);
 
     let culprit = state
-        .monitor
+        .watch
         .as_ref()
-        .map(|_| state.culprit(&name, &route, ids.as_ref()));
+        .map(|_| state.culprit(&name, &route, ids.as_ref(), &span));
     let stats = PollStats::new();
     // The kernel stamped the request's bytes when they reached the socket;
     // it is now fully read, so their age is how long it waited to be read.
@@ -112,14 +112,14 @@ pub async fn run_in_own_task(
         trace_id: ids
             .as_ref()
             .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
-        monitor: state.monitor.clone(),
+        watch: state.watch.clone(),
     };
     req.extensions_mut().insert(probe);
     // Span outside, measurement inside: the event the measuring wrapper
     // emits for a long poll lands on the request's span.
     let mut work = stats.measure(next.run(req));
-    if let Some(monitor) = &state.monitor {
-        work = work.report_polls_over(monitor.threshold, name.clone());
+    if let Some(watch) = &state.watch {
+        work = work.report_polls_over(watch.threshold(), name.clone());
     }
     let work = work.instrument(span.clone());
 
@@ -193,7 +193,12 @@ fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
     ];
     let code = u64::from(status.as_u16());
     let error = status.is_server_error().then_some("ERROR");
-    let workers = stats.workers.join(", ");
+    let workers = stats
+        .workers
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let workers = workers.as_str();
     let values: [Option<&dyn Value>; 9] = [
         Some(&code),

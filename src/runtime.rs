@@ -23,11 +23,11 @@ pub const APP_THREAD_PREFIX: &str = "app-rt";
 /// which polls only the top-level future, never a request.
 ///
 /// With `watch`, the stall watcher's poll hooks are installed: they record,
-/// per worker, which task is being polled and since when, and report every
-/// long poll (see [`crate::stall`]).
+/// per worker, which task is being polled and since when (see
+/// [`stall_watch::Watch::install`]).
 pub fn build(
     config: &RuntimeConfig,
-    watch: Option<crate::stall::Watch>,
+    watch: Option<&stall_watch::Watch>,
 ) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match config.flavor {
         Flavor::CurrentThread => {
@@ -46,7 +46,7 @@ pub fn build(
         }
     };
     if let Some(watch) = watch {
-        crate::stall::hooks::install(&mut builder, watch.monitor, watch.long_polls);
+        watch.install(&mut builder);
     }
     let counter = AtomicUsize::new(0);
     builder
@@ -58,28 +58,3 @@ pub fn build(
         })
         .build()
 }
-
-/// Where the calling code runs, in the words the scenario answers use:
-/// `"worker N"` on an application worker, `"blocking pool"` elsewhere
-/// (a `spawn_blocking` thread, or any thread outside the runtime).
-pub fn current_place() -> String {
-    match tokio::runtime::worker_index() {
-        Some(index) => format!("worker {index}"),
-        None => BLOCKING_POOL.to_owned(),
-    }
-}
-
-/// `"worker N"` for the poll statistics' worker bit `N` (0..=63; workers
-/// past 63 share bit 63), else `"blocking pool"`. Made once: they go into
-/// every answer and every traced request.
-pub fn place(worker_bit: Option<usize>) -> &'static str {
-    static WORKER_NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let names = WORKER_NAMES.get_or_init(|| (0..64).map(|n| format!("worker {n}")).collect());
-    match worker_bit {
-        Some(bit) => names[bit.min(63)].as_str(),
-        None => BLOCKING_POOL,
-    }
-}
-
-/// How answers name tokio's blocking pool.
-pub const BLOCKING_POOL: &str = "blocking pool";

@@ -37,17 +37,13 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     let workers = config.runtime.effective_workers();
     // The stall watcher exists before the runtime: its hooks are part of
     // the runtime's construction.
-    let watch = if config.stall.watch {
-        Some(
-            crate::stall::start(workers, &config.stall, jaeger_ui_url(&config))
-                .context("cannot start the stall watcher")?,
-        )
-    } else {
-        None
-    };
-    let monitor = watch.as_ref().map(|w| w.monitor.clone());
-    let runtime =
-        crate::runtime::build(&config.runtime, watch).context("cannot build the tokio runtime")?;
+    let watch = config
+        .stall
+        .watch
+        .then(|| watch_config(&config))
+        .map(stall_watch::Watch::new);
+    let runtime = crate::runtime::build(&config.runtime, watch.as_ref())
+        .context("cannot build the tokio runtime")?;
     tracing::info!(
         flavor = %config.runtime.flavor,
         workers,
@@ -56,17 +52,16 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         config.runtime.flavor,
         config.runtime.max_blocking_threads,
     );
-    match &monitor {
-        Some(m) => tracing::info!(
+    match &watch {
+        Some(w) => tracing::info!(
             "stall watcher: on, a poll longer than {} ms is a stall (stall.threshold_ms)",
-            m.threshold.as_millis()
+            w.threshold().as_millis()
         ),
         None => tracing::info!("stall watcher: off (stall.watch = false)"),
     }
     if config.stall.wake_idle_worker {
-        match (&monitor, config.runtime.flavor) {
-            (Some(m), crate::config::Flavor::MultiThread) => {
-                m.wake_idle_workers_of(runtime.handle().clone());
+        match (&watch, config.runtime.flavor) {
+            (Some(_), crate::config::Flavor::MultiThread) => {
                 tracing::info!(
                     "stall watcher: wakes an idle worker when a stall begins \
                      (stall.wake_idle_worker), so new requests are read during one-worker stalls"
@@ -91,27 +86,34 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     let addr = app_listener.local_addr()?;
     let app_url = format!("http://{addr}");
 
-    let lag =
-        crate::admin::LagProbe::spawn(runtime.handle()).context("cannot spawn the lag probe")?;
     let config = Arc::new(config);
     let console_budget = telemetry.console_budget();
-    let admin = crate::admin::start(crate::admin::AdminState {
-        monitor: monitor.clone(),
-        console: console_budget.clone(),
-        app: runtime.handle().clone(),
-        app_url: app_url.clone(),
-        lag,
-        busy: Arc::default(),
-        config: config.clone(),
-        workers,
-        http: reqwest::Client::builder().no_proxy().build()?,
-    })?;
+    // Without the watcher, an unused watch serves the admin pages (its
+    // views then show no stalls), so the dashboard and /debug/runtime work
+    // either way.
+    let admin_watch = watch.clone().unwrap_or_else(|| {
+        let unwatched = stall_watch::Watch::new(stall_watch::Config::default().stacks(false));
+        unwatched.attach(runtime.handle());
+        unwatched
+    });
+    if let Some(watch) = &watch {
+        watch.attach(runtime.handle());
+    }
+    let admin = crate::admin::start(
+        &admin_watch,
+        crate::admin::AdminParts {
+            config: config.clone(),
+            console: console_budget.clone(),
+            app_url: app_url.clone(),
+            workers,
+        },
+    )?;
     announce("app", addr);
-    announce("admin", admin.addr);
+    announce("admin", admin.local_addr());
 
     let result = runtime.block_on(async {
         let listener = TcpListener::from_std(app_listener)?;
-        let state = AppState::new(&config, app_url, monitor, console_budget);
+        let state = AppState::new(&config, app_url, watch, console_budget);
         run(
             listener,
             state,
@@ -144,13 +146,19 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
     result
 }
 
-/// Base URL for trace links, or none when traces are not exported: a link to
-/// a trace that was never sent would only confuse.
-fn jaeger_ui_url(config: &crate::config::Config) -> Option<&str> {
-    config
-        .telemetry
-        .otlp
-        .then_some(config.admin.jaeger_ui_url.as_str())
+/// The stall watcher's settings, from the `stall.*` keys; trace links only
+/// when traces are exported (a link to a trace never sent would confuse).
+fn watch_config(config: &crate::config::Config) -> stall_watch::Config {
+    let stall = &config.stall;
+    let mut watch = stall_watch::Config::default()
+        .threshold(Duration::from_millis(stall.threshold_ms))
+        .history(stall.history)
+        .wake_idle_worker(stall.wake_idle_worker)
+        .stacks(stall.stacks);
+    if config.telemetry.otlp {
+        watch = watch.trace_url(config.admin.jaeger_ui_url.as_str());
+    }
+    watch
 }
 
 /// How long shutdown waits for the last spans to reach the collector. With

@@ -7,8 +7,9 @@ use std::sync::atomic::AtomicUsize;
 
 use tokio::sync::Semaphore;
 
+use stall_watch::{Culprit, Tracked, Watch};
+
 use crate::config::{Config, Flavor, LimitsConfig};
-use crate::stall::{Culprit, Monitor};
 use crate::telemetry::ConsoleBudget;
 
 /// Cloned for every request (by the middleware, the router and each
@@ -37,9 +38,9 @@ pub struct Shared {
     pub http: reqwest::Client,
     /// Requests currently being handled, for the shutdown log.
     pub in_flight: AtomicUsize,
-    /// The stall watcher's shared state, when it runs: request tasks are
-    /// registered in it so a stall can name its culprit.
-    pub monitor: Option<Arc<Monitor>>,
+    /// The stall watcher, when it runs: request tasks are registered in it
+    /// so a stall can name its culprit.
+    pub watch: Option<Watch>,
     /// tokio-console's task budget, when the console is on: asked after each
     /// request whether it ran out, so that is logged (once).
     pub console_budget: Option<Arc<ConsoleBudget>>,
@@ -57,31 +58,11 @@ struct RouteNames {
     untraced: Arc<Culprit>,
 }
 
-/// Unregisters a task from the stall watcher's culprit registry on drop.
-pub struct Tracked {
-    monitor: Option<Arc<Monitor>>,
-    task: tokio::task::Id,
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Some(monitor) = &self.monitor {
-            monitor.culprits.unregister(self.task);
-        }
-    }
-}
-
 impl AppState {
     /// Names `task` as `culprit` for the stall watcher until the returned
     /// guard is dropped.
-    pub fn track(&self, task: tokio::task::Id, culprit: Option<Arc<Culprit>>) -> Tracked {
-        if let (Some(monitor), Some(culprit)) = (&self.monitor, culprit) {
-            monitor.culprits.register(task, culprit);
-        }
-        Tracked {
-            monitor: self.monitor.clone(),
-            task,
-        }
+    pub fn track(&self, task: tokio::task::Id, culprit: Option<Arc<Culprit>>) -> Option<Tracked> {
+        Some(self.watch.as_ref()?.track(task, culprit?))
     }
 
     /// The task name of a request: `GET /block/sleep`.
@@ -99,22 +80,27 @@ impl AppState {
         task: &Arc<str>,
         route: &str,
         ids: Option<&(String, String)>,
+        span: &tracing::Span,
     ) -> Arc<Culprit> {
         match (ids, self.names.get(route)) {
             (None, Some(names)) if Arc::ptr_eq(task, &names.task) => names.untraced.clone(),
-            _ => Arc::new(Culprit {
-                route: task.clone(),
-                task: task.clone(),
-                trace_id: ids.map(|(trace, _)| trace.clone()),
-                span_id: ids.map(|(_, span)| span.clone()),
-            }),
+            _ => {
+                let culprit = Culprit::new(task.clone());
+                Arc::new(match ids {
+                    // Traced: the stall's span will link to this one.
+                    Some((trace, span_id)) => culprit
+                        .with_trace(trace.clone(), span_id.clone())
+                        .with_span(span),
+                    None => culprit,
+                })
+            }
         }
     }
 
     pub fn new(
         config: &Config,
         self_url: String,
-        monitor: Option<Arc<Monitor>>,
+        watch: Option<Watch>,
         console_budget: Option<Arc<ConsoleBudget>>,
     ) -> Self {
         let names = crate::scenarios::ALL
@@ -122,12 +108,7 @@ impl AppState {
             .map(|s| {
                 let task: Arc<str> =
                     Arc::from(crate::request::task_name(&axum::http::Method::GET, s.route));
-                let untraced = Arc::new(Culprit {
-                    route: task.clone(),
-                    task: task.clone(),
-                    trace_id: None,
-                    span_id: None,
-                });
+                let untraced = Arc::new(Culprit::new(task.clone()));
                 (s.route, RouteNames { task, untraced })
             })
             .collect();
@@ -144,7 +125,7 @@ impl AppState {
                 .build()
                 .expect("a plain HTTP client builds"),
             in_flight: AtomicUsize::new(0),
-            monitor,
+            watch,
             console_budget,
             names,
         }))

@@ -1,6 +1,8 @@
-//! `/api/fire`: the dashboard's buttons. Forwards a GET to the application
-//! server, optionally N at once, and answers what came back with the time it
-//! took as seen by a client.
+//! `POST /api/fire`: the dashboard's buttons. Forwards a GET to the
+//! application server, optionally N at once, and answers what came back with
+//! the time it took as seen by a client. A POST, so the admin server's
+//! `Origin` check applies: a page elsewhere cannot fire stalls through the
+//! user's browser.
 //!
 //! Why a proxy rather than `fetch()` from the page straight to the app: the
 //! app is another origin (another port), and a browser opens at most six
@@ -14,13 +16,11 @@ use axum::response::{IntoResponse, Json, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AdminState, no_store};
-
 /// Most requests one click may fire at once.
-pub const MAX_CONCURRENCY: usize = 64;
+pub(super) const MAX_CONCURRENCY: usize = 64;
 
 #[derive(Debug, Deserialize)]
-pub struct FireQuery {
+pub(super) struct FireQuery {
     /// Path and query on the app, e.g. `/block/sleep?ms=200`.
     path: String,
     /// How many identical requests to send at once (1..=64). When given, the
@@ -28,7 +28,18 @@ pub struct FireQuery {
     concurrency: Option<usize>,
 }
 
-pub async fn fire(State(state): State<AdminState>, Query(query): Query<FireQuery>) -> Response {
+/// Where `/api/fire` sends requests.
+pub(super) struct Fire {
+    /// Base URL of the app server.
+    pub(super) app_url: String,
+    /// Client living on the admin runtime.
+    pub(super) http: reqwest::Client,
+}
+
+pub(super) async fn fire(
+    State(state): State<std::sync::Arc<Fire>>,
+    Query(query): Query<FireQuery>,
+) -> Response {
     // Only paths on our own app: no scheme, no authority, no `//host`.
     if !query.path.starts_with('/') || query.path.starts_with("//") {
         return bad("path", "a path on the app, starting with a single /");
@@ -55,13 +66,13 @@ async fn one(http: &reqwest::Client, url: &str) -> Value {
             let body = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
             json!({
                 "status": status,
-                "elapsed_ms": crate::measure::ms(start.elapsed()),
+                "elapsed_ms": stall_watch::ms(start.elapsed()),
                 "body": body,
             })
         }
         Err(e) => json!({
             "status": 502,
-            "elapsed_ms": crate::measure::ms(start.elapsed()),
+            "elapsed_ms": stall_watch::ms(start.elapsed()),
             "body": { "error": format!("the app did not answer: {e}") },
         }),
     }
@@ -77,4 +88,14 @@ fn bad(parameter: &str, allowed: &str) -> Response {
         })),
     )
         .into_response()
+}
+
+/// Marks an answer as never cacheable: results are live.
+fn no_store(body: impl IntoResponse) -> Response {
+    let mut response = body.into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }

@@ -26,7 +26,7 @@ use super::Scenario;
 use crate::budget::StallPermit;
 use crate::error::AppError;
 use crate::params::Params;
-use crate::report::{Job, Probe, Report, fmt_ms, job_places, parallelism};
+use crate::report::{Job, Probe, Report, fmt_ms, job_threads, parallelism};
 use crate::state::AppState;
 
 pub const SCENARIO: Scenario = Scenario {
@@ -67,12 +67,12 @@ pub async fn handler(
     }
 
     let stats = probe.stats.snapshot();
-    let places = job_places(&jobs);
+    let threads = job_threads(&jobs);
     let p = parallelism(&jobs);
     let verdict = format!(
         "{n} CPU jobs of {} ran on {} blocking-pool thread(s) at once in {}, {p:.1}× parallel on the machine's {cores} core(s), while the request held a worker for only {}",
         fmt_ms(ms as f64),
-        places.len(),
+        threads,
         fmt_ms(stats.wall_ms),
         fmt_ms(stats.busy_ms),
         cores = std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -80,5 +80,5 @@ pub async fn handler(
     Ok(probe
         .report(&SCENARIO, json!({ "n": n, "ms": ms }), stats, verdict)
         .with_jobs(jobs)
-        .with_detail(json!({ "parallelism": p, "threads": places.len() })))
+        .with_detail(json!({ "parallelism": p, "threads": threads })))
 }

@@ -72,12 +72,10 @@ pub async fn handler(
             .map_err(|e| AppError::Internal(format!("cannot spawn job: {e}")))?;
         // Each job holds its worker: name it for the stall watcher, as part
         // of this request.
-        let culprit = probe.culprit.as_ref().map(|c| {
-            std::sync::Arc::new(crate::stall::Culprit {
-                task: std::sync::Arc::from(JOB_TASK_NAME),
-                ..(**c).clone()
-            })
-        });
+        let culprit = probe
+            .culprit
+            .as_ref()
+            .map(|c| std::sync::Arc::new((**c).clone().with_task(JOB_TASK_NAME)));
         tracked.push(state.track(handle.id(), culprit));
         handles.push(handle);
     }

@@ -110,7 +110,7 @@ pub const HOLD_MS: f64 = 20.0;
 
 /// How the worker a request ran on is named in verdicts: on a
 /// `current_thread` runtime it is "the only worker", which is the point.
-pub fn worker_phrase(state: &AppState, places: &[&str]) -> String {
+pub fn worker_phrase(state: &AppState, places: &[stall_watch::Place]) -> String {
     if state.workers == 1 {
         "the only worker".to_owned()
     } else {

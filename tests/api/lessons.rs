@@ -176,7 +176,7 @@ async fn probes_left_unread(app: &TestApp, blocks: usize) -> usize {
     for _ in 0..blocks {
         let stall = {
             let fire = fire.clone();
-            tokio::spawn(async move { crate::helpers::fresh_client().get(fire).send().await })
+            tokio::spawn(async move { crate::helpers::fresh_client().post(fire).send().await })
         };
         app.wait_for_stall().await;
         let (status, latency) = app.timed_get("/healthz").await;

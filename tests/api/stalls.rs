@@ -232,11 +232,15 @@ async fn the_dashboard_and_events_are_served() {
     assert!(snapshot["lag"]["probe_delay_ms"].is_number(), "{snapshot}");
 
     // The fire proxy forwards to the app, N at once.
-    let fired = crate::helpers::fetch_json(
-        &app.client,
-        &app.admin_url("/api/fire?path=/healthz&concurrency=3"),
-    )
-    .await;
+    let fired: Value = app
+        .client
+        .post(app.admin_url("/api/fire?path=/healthz&concurrency=3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let results = fired["results"].as_array().unwrap();
     assert_eq!(results.len(), 3, "{fired}");
     assert!(
@@ -247,11 +251,58 @@ async fn the_dashboard_and_events_are_served() {
     );
     let refused = app
         .client
-        .get(app.admin_url("/api/fire?path=http://elsewhere/"))
+        .post(app.admin_url("/api/fire?path=http://elsewhere/"))
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 400);
+}
+
+#[tokio::test]
+async fn the_admin_server_refuses_other_sites() {
+    let app = spawn_app(&[], &[]);
+    let fire = app.admin_url("/api/fire?path=/healthz");
+    // Acting is a POST: a GET (an <img> or a link elsewhere) fires nothing.
+    let get = app.client.get(&fire).send().await.unwrap();
+    assert_eq!(get.status(), 405);
+    // A page on another site cannot make the browser fire a stall.
+    let cross_site = app
+        .client
+        .post(&fire)
+        .header("Origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
+    // The dashboard's own page can.
+    let admin_origin = app.admin_url("");
+    let same_site = app
+        .client
+        .post(&fire)
+        .header("Origin", admin_origin.trim_end_matches('/'))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(same_site.status(), 200);
+    // A DNS-rebinding page (another name resolving to 127.0.0.1) reads nothing.
+    for path in ["/", "/debug/stalls", "/debug/runtime", "/api/info"] {
+        let rebound = app
+            .client
+            .get(app.admin_url(path))
+            .header("Host", "evil.example:3001")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rebound.status(), 403, "{path}");
+    }
+    let localhost = app
+        .client
+        .get(app.admin_url("/debug/stalls"))
+        .header("Host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(localhost.status(), 200);
 }
 
 #[tokio::test]

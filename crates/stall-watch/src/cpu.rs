@@ -14,23 +14,23 @@ use std::path::PathBuf;
 
 /// The calling thread's Linux thread id, from `/proc/thread-self`
 /// (a symlink to `PID/task/TID`), without `unsafe` or libc.
-pub fn current_tid() -> Option<u64> {
+pub(crate) fn current_tid() -> Option<u64> {
     let link = std::fs::read_link("/proc/thread-self").ok()?;
     link.file_name()?.to_str()?.parse().ok()
 }
 
 /// A thread's scheduler clocks, in nanoseconds since it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SchedClock {
+pub(crate) struct SchedClock {
     /// Time running on a CPU.
-    pub on_cpu_ns: u64,
+    pub(crate) on_cpu_ns: u64,
     /// Time ready to run but waiting for a CPU.
-    pub waiting_ns: u64,
+    pub(crate) waiting_ns: u64,
 }
 
 impl SchedClock {
     /// The clocks' progress from `earlier` to `self`.
-    pub fn since(self, earlier: SchedClock) -> SchedClock {
+    pub(crate) fn since(self, earlier: SchedClock) -> SchedClock {
         SchedClock {
             on_cpu_ns: self.on_cpu_ns.saturating_sub(earlier.on_cpu_ns),
             waiting_ns: self.waiting_ns.saturating_sub(earlier.waiting_ns),
@@ -39,7 +39,7 @@ impl SchedClock {
 }
 
 /// The scheduler clocks of thread `tid` of this process.
-pub fn thread_clock(tid: u64) -> Option<SchedClock> {
+pub(crate) fn thread_clock(tid: u64) -> Option<SchedClock> {
     let path = PathBuf::from(format!("/proc/self/task/{tid}/schedstat"));
     let text = std::fs::read_to_string(path).ok()?;
     let mut fields = text.split_whitespace();
@@ -53,7 +53,7 @@ pub fn thread_clock(tid: u64) -> Option<SchedClock> {
 /// `on-cpu` (computing), `off-cpu` (asleep or in a blocking call),
 /// `preempted` (ready, but the OS ran other threads: an overloaded machine,
 /// not a blocking handler), `mixed`, or `unknown` without a clock.
-pub fn classify(used: Option<SchedClock>, window_ns: u64) -> &'static str {
+pub(crate) fn classify(used: Option<SchedClock>, window_ns: u64) -> &'static str {
     let Some(used) = used else { return "unknown" };
     if window_ns == 0 {
         return "unknown";

@@ -8,16 +8,15 @@
 //! and this probe only draws the lag chart.
 //!
 //! It also shows something surprising. With one worker of two blocked and
-//! the other idle, the probe is often late by the whole stall anyway (we see
-//! it most times a stall is fired from the dashboard). A multi-thread
+//! the other idle, the probe is often late by the whole stall anyway. A multi-thread
 //! runtime's timers and IO events are processed by whichever worker parks
 //! *on the driver*; the other idle workers sleep on a condition variable
 //! until something notifies them. When the worker that was driving picks up
 //! the blocking task, nothing may wake an idle one to take over the driver,
 //! so timers fire late although a worker is free. A blocked worker can delay
-//! more than its own queue. (README, "A free worker is not enough";
-//! `stall.wake_idle_worker` makes the stall watcher wake an idle worker, and
-//! the probe then stays on time during a one-worker stall.)
+//! more than its own queue. (tokio-rs/tokio#4730;
+//! [`crate::Config::wake_idle_worker`] makes the watcher wake an idle
+//! worker, and the probe then stays on time during a one-worker stall.)
 //!
 //! When the runtime is completely stuck the probe cannot report at all; the
 //! admin server notices that its last report is overdue and shows the probe
@@ -29,13 +28,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 /// How often the probe asks to be woken.
-pub const PERIOD: Duration = Duration::from_millis(100);
+pub(crate) const PERIOD: Duration = Duration::from_millis(100);
 
 /// Task name of the probe in tokio-console.
-pub const TASK_NAME: &str = "lag probe";
+pub(crate) const TASK_NAME: &str = "lag probe";
 
 #[derive(Debug)]
-pub struct LagProbe {
+pub(crate) struct LagProbe {
     epoch: Instant,
     /// When the probe last ran, ns since `epoch`.
     last_run_ns: AtomicU64,
@@ -43,7 +42,7 @@ pub struct LagProbe {
     last_delay_ns: AtomicU64,
 }
 
-/// What `/debug/events` reports about the probe.
+/// The lag probe's latest report.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct LagView {
     /// The last measured lateness, or how long the overdue probe has been
@@ -55,7 +54,7 @@ pub struct LagView {
 
 impl LagProbe {
     /// Spawns the probe on `app` (the application runtime).
-    pub fn spawn(app: &tokio::runtime::Handle) -> std::io::Result<std::sync::Arc<LagProbe>> {
+    pub(crate) fn spawn(app: &tokio::runtime::Handle) -> std::io::Result<std::sync::Arc<LagProbe>> {
         let probe = std::sync::Arc::new(LagProbe {
             epoch: Instant::now(),
             last_run_ns: AtomicU64::new(0),
@@ -81,7 +80,7 @@ impl LagProbe {
         Ok(probe)
     }
 
-    pub fn view(&self) -> LagView {
+    pub(crate) fn view(&self) -> LagView {
         let now = nanos(self.epoch.elapsed());
         let last_run = self.last_run_ns.load(Ordering::Relaxed);
         let due = last_run + nanos(PERIOD);
@@ -89,12 +88,12 @@ impl LagProbe {
         let overdue = now.saturating_sub(due);
         if overdue > nanos(Duration::from_millis(5)) {
             LagView {
-                probe_delay_ms: crate::measure::ms(Duration::from_nanos(overdue)),
+                probe_delay_ms: crate::ms(Duration::from_nanos(overdue)),
                 pending: true,
             }
         } else {
             LagView {
-                probe_delay_ms: crate::measure::ms(Duration::from_nanos(
+                probe_delay_ms: crate::ms(Duration::from_nanos(
                     self.last_delay_ns.load(Ordering::Relaxed),
                 )),
                 pending: false,

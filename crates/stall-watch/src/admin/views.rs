@@ -9,31 +9,35 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
-use futures::Stream;
+use futures_util::Stream;
 use serde_json::{Value, json};
 
-use super::{AdminState, EVENTS_INTERVAL, no_store};
+use super::{EVENTS_INTERVAL, State as AdminState, flavor, merge, no_store};
+use crate::watch::Watch;
 
 /// How many recent stalls the live views carry.
-pub const RECENT_STALLS: usize = 50;
+pub(super) const RECENT_STALLS: usize = 50;
 
 /// Window of the per-worker busy ratio.
-pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
+pub(super) const BUSY_WINDOW: Duration = Duration::from_secs(1);
 
 /// Samples tokio's per-worker busy time every [`EVENTS_INTERVAL`], keeping
 /// one [`BUSY_WINDOW`] of history to turn into a ratio.
 #[derive(Debug, Default)]
-pub struct BusySampler {
+pub(super) struct BusySampler {
     /// (when, busy time of each worker) — oldest first.
     samples: Mutex<VecDeque<(Instant, Vec<Duration>)>>,
 }
 
 impl BusySampler {
     /// Runs forever on the admin runtime.
-    pub async fn run(self: Arc<Self>, app: tokio::runtime::Handle) {
+    pub(super) async fn run(self: Arc<Self>, watch: Watch) {
         let mut interval = tokio::time::interval(EVENTS_INTERVAL);
         loop {
             interval.tick().await;
+            let Some(app) = watch.runtime() else {
+                continue;
+            };
             let metrics = app.metrics();
             let busy: Vec<Duration> = (0..metrics.num_workers())
                 .map(|w| metrics.worker_total_busy_duration(w))
@@ -77,21 +81,19 @@ impl BusySampler {
 }
 
 /// The `/debug/runtime` document.
-pub fn runtime_document(state: &AdminState) -> Value {
-    let metrics = state.app.metrics();
-    let views = state.monitor.as_ref().map(|m| m.worker_views());
+fn runtime_document(state: &AdminState) -> Value {
+    let Some(app) = state.watch.runtime() else {
+        return json!({ "workers": 0, "worker_stats": [], "note": "the runtime has not polled a task yet" });
+    };
+    let metrics = app.metrics();
+    let views = state.watch.workers();
     let polling: Vec<Option<f64>> = (0..metrics.num_workers())
-        .map(|w| {
-            views
-                .as_ref()
-                .and_then(|v| v.get(w))
-                .and_then(|v| v.poll_elapsed_ms)
-        })
+        .map(|w| views.get(w).and_then(|v| v.poll_elapsed_ms))
         .collect();
     let ratios = state.busy.ratios(metrics.num_workers(), &polling);
     let worker_stats: Vec<Value> = (0..metrics.num_workers())
         .map(|w| {
-            let view = views.as_ref().and_then(|v| v.get(w));
+            let view = views.get(w);
             json!({
                 "index": w,
                 "state": view.map_or("unknown", |v| v.state),
@@ -103,10 +105,9 @@ pub fn runtime_document(state: &AdminState) -> Value {
             })
         })
         .collect();
-    json!({
-        "flavor": state.config.runtime.flavor,
+    let mut document = json!({
+        "flavor": flavor(app.runtime_flavor()),
         "workers": metrics.num_workers(),
-        "max_blocking_threads": state.config.runtime.max_blocking_threads,
         "blocking_threads": metrics.num_blocking_threads(),
         "idle_blocking_threads": metrics.num_idle_blocking_threads(),
         "blocking_queue_depth": metrics.blocking_queue_depth(),
@@ -114,42 +115,31 @@ pub fn runtime_document(state: &AdminState) -> Value {
         "global_queue_depth": metrics.global_queue_depth(),
         "busy_window_ms": BUSY_WINDOW.as_millis() as u64,
         "worker_stats": worker_stats,
-        // null with the console off.
-        "console": state.console.as_ref().map(|b| b.snapshot()),
-    })
-}
-
-/// The `/debug/stalls` document (empty, with `watch: false`, when the
-/// watcher is off).
-pub fn stalls_document(state: &AdminState) -> Value {
-    match &state.monitor {
-        Some(monitor) => {
-            let mut document = monitor.stalls_document(RECENT_STALLS);
-            document["watch"] = json!(true);
-            document
-        }
-        None => json!({
-            "watch": false,
-            "threshold_ms": state.config.stall.threshold_ms,
-            "in_progress": [],
-            "recent": [],
-            "total": 0,
-            "wake_idle_worker": false,
-        }),
+    });
+    if let Some(extra) = &state.runtime_extra {
+        merge(&mut document, extra());
     }
+    document
 }
 
-pub async fn runtime(State(state): State<AdminState>) -> Response {
+/// The `/debug/stalls` document.
+fn stalls_document(state: &AdminState) -> Value {
+    let mut document = serde_json::to_value(state.watch.stalls(RECENT_STALLS)).unwrap_or_default();
+    document["watch"] = json!(state.watch.is_installed());
+    document
+}
+
+pub(super) async fn runtime(State(state): State<AdminState>) -> Response {
     no_store(Json(runtime_document(&state)))
 }
 
-pub async fn stalls(State(state): State<AdminState>) -> Response {
+pub(super) async fn stalls(State(state): State<AdminState>) -> Response {
     no_store(Json(stalls_document(&state)))
 }
 
 /// Server-sent events: one `snapshot` event every [`EVENTS_INTERVAL`].
-pub async fn events(State(state): State<AdminState>) -> impl IntoResponse {
-    let stream = futures::stream::unfold(
+pub(super) async fn events(State(state): State<AdminState>) -> impl IntoResponse {
+    let stream = futures_util::stream::unfold(
         (state, tokio::time::interval(EVENTS_INTERVAL)),
         |(state, mut interval)| async move {
             interval.tick().await;
@@ -179,6 +169,6 @@ fn snapshot(state: &AdminState) -> Value {
         "now_ms": now_ms,
         "runtime": runtime_document(state),
         "stalls": stalls_document(state),
-        "lag": state.lag.view(),
+        "lag": state.watch.lag(),
     })
 }

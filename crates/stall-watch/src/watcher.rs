@@ -5,32 +5,41 @@
 //!
 //! 1. samples each worker's CPU clock (so a stall's on-CPU time can be taken
 //!    from a sample made *before* the stall began);
-//! 2. looks for polls older than the threshold and logs each new one at once
-//!    ("worker 1 stalled by GET /block/sleep …") — the stall is visible at
-//!    `/debug/stalls` even sooner, since that reads the slots directly;
+//! 2. looks for polls older than the threshold, logs each new one at once
+//!    ("stall in progress: worker 1 held by GET /block/sleep …"), opens its
+//!    `executor.stall` span and captures the held worker's stack (again every
+//!    [`RECAPTURE_EVERY`], at most [`MAX_CAPTURES`] times);
 //! 3. files the long polls the after-poll hook reported as [`StallRecord`]s,
-//!    and exports an `executor.stall` span for each, linked to the culprit's
-//!    request span.
+//!    with their last stack, and closes their spans.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use opentelemetry::trace::{
-    Link, Span as _, SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState, Tracer as _,
-};
-use opentelemetry::{KeyValue, global};
-
-use super::hooks::LongPoll;
-use super::{Monitor, StallRecord, cpu};
+use crate::cpu;
+use crate::hooks::LongPoll;
+use crate::monitor::{Monitor, StallRecord};
+use crate::span::TARGET;
+use crate::stack::Sampler;
 
 /// How often the watcher looks. Detection latency is at most this past the
 /// threshold; the cost is a few atomic loads and one small /proc read per
 /// worker per tick.
-pub const TICK: Duration = Duration::from_millis(5);
+pub(crate) const TICK: Duration = Duration::from_millis(5);
 
 /// Name of the watcher's OS thread.
-pub const THREAD_NAME: &str = "stall-watcher";
+pub(crate) const THREAD_NAME: &str = "stall-watcher";
+
+/// While a stall lasts, its stack is captured again this often, so a stall
+/// that moves shows where it went.
+pub(crate) const RECAPTURE_EVERY: Duration = Duration::from_secs(1);
+
+/// At most this many captures per stall.
+pub(crate) const MAX_CAPTURES: u32 = 4;
+
+/// How long the watcher waits for the held worker's signal handler.
+const CAPTURE_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// A clock sample of one worker: (monitor ns, its scheduler clocks).
 type Sample = (u64, cpu::SchedClock);
@@ -42,6 +51,11 @@ struct Watched {
     samples: [Option<Sample>; 2],
     /// Poll sequence number of the stall already announced on this worker.
     announced: Option<u64>,
+    /// Its `executor.stall` span, open until the stall ends.
+    span: Option<tracing::Span>,
+    /// Stack captures taken of it so far, and when the last one was.
+    captures: u32,
+    last_capture: Option<Instant>,
 }
 
 impl Watched {
@@ -64,18 +78,20 @@ impl Watched {
 }
 
 /// Starts the watcher thread. It runs until `long_polls`' senders are all
-/// dropped (that is, until the application runtime is gone).
-pub fn spawn(
+/// dropped (the [`crate::Watch`] and every runtime it was installed on are
+/// gone).
+pub(crate) fn spawn(
     monitor: Arc<Monitor>,
     long_polls: Receiver<LongPoll>,
+    sampler: Option<Arc<Sampler>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
-        .spawn(move || run(&monitor, &long_polls))
+        .spawn(move || run(&monitor, &long_polls, sampler.as_deref()))
 }
 
-fn run(monitor: &Monitor, long_polls: &Receiver<LongPoll>) {
-    let mut watched = vec![Watched::default(); monitor.workers()];
+fn run(monitor: &Monitor, long_polls: &Receiver<LongPoll>, sampler: Option<&Sampler>) {
+    let mut watched = vec![Watched::default(); monitor.slots.len()];
     loop {
         match long_polls.recv_timeout(TICK) {
             Ok(long_poll) => {
@@ -88,27 +104,26 @@ fn run(monitor: &Monitor, long_polls: &Receiver<LongPoll>) {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        tick(monitor, &mut watched);
+        tick(monitor, &mut watched, sampler);
+        monitor.culprits.purge();
     }
 }
 
-fn tick(monitor: &Monitor, watched: &mut [Watched]) {
+fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
     let now = monitor.now_ns();
-    for (worker, w) in watched.iter_mut().enumerate() {
+    let workers = monitor.workers();
+    for (worker, w) in watched.iter_mut().enumerate().take(workers) {
         let slot = &monitor.slots[worker];
         let current = monitor.current_poll(worker);
-        let tid = slot.tid.load(std::sync::atomic::Ordering::Acquire);
+        let tid = slot.tid.load(Ordering::Acquire);
         if tid != 0 && w.samples[1].is_none() {
             // Seed with the hook's sample from the worker's first poll, so
             // that even a stall in that very first poll has a "before".
             w.push((
-                slot.first_clock_at
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                slot.first_clock_at.load(Ordering::Relaxed),
                 cpu::SchedClock {
-                    on_cpu_ns: slot.first_on_cpu.load(std::sync::atomic::Ordering::Relaxed),
-                    waiting_ns: slot
-                        .first_waiting
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    on_cpu_ns: slot.first_on_cpu.load(Ordering::Relaxed),
+                    waiting_ns: slot.first_waiting.load(Ordering::Relaxed),
                 },
             ));
         }
@@ -124,27 +139,49 @@ fn tick(monitor: &Monitor, watched: &mut [Watched]) {
             w.push((now, clock));
         }
 
-        // Announce a stall the moment it crosses the threshold.
+        // Announce a stall the moment it crosses the threshold, then take
+        // its stack (again every RECAPTURE_EVERY while it lasts).
         if let Some((seq, started, task)) = current {
             let elapsed = Duration::from_nanos(now.saturating_sub(started));
-            if elapsed >= monitor.threshold && w.announced != Some(seq) {
+            if elapsed < monitor.threshold {
+                continue;
+            }
+            if w.announced != Some(seq) {
                 w.announced = Some(seq);
+                w.captures = 0;
+                w.last_capture = None;
                 monitor.wake_an_idle_worker();
                 let culprit = monitor.culprits.get(task);
+                w.span = Some(crate::span::open(worker, task, culprit.as_deref()));
                 match culprit.as_deref() {
                     Some(c) => tracing::warn!(
+                        target: TARGET,
                         worker,
-                        route = %c.route,
+                        route = &*c.route,
                         trace_id = c.trace_id.as_deref().unwrap_or("-"),
                         "stall in progress: worker {worker} held by {} for {} ms and counting",
                         c.route,
                         elapsed.as_millis()
                     ),
                     None => tracing::warn!(
+                        target: TARGET,
                         worker,
                         "stall in progress: worker {worker} held by unnamed task {task} for {} ms and counting",
                         elapsed.as_millis()
                     ),
+                }
+            }
+            if let Some(sampler) = sampler
+                && w.captures < MAX_CAPTURES
+                && w.last_capture
+                    .is_none_or(|at| at.elapsed() >= RECAPTURE_EVERY)
+            {
+                w.captures += 1;
+                w.last_capture = Some(Instant::now());
+                // Captured during poll `seq` or not at all: a capture that
+                // lands in another poll is discarded by the sampler.
+                if let Ok(raw) = sampler.capture(worker, seq, CAPTURE_TIMEOUT) {
+                    monitor.set_live_stack(worker, seq, sampler.symbolize(&raw));
                 }
             }
         }
@@ -174,72 +211,43 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         id: 0,
         worker: long_poll.worker,
         started_at_ms: monitor.unix_ms(long_poll.started_ns),
-        duration_ms: crate::measure::ms(Duration::from_nanos(duration_ns)),
-        on_cpu_ms: on_cpu_ns
-            .map(|ns| crate::measure::ms(Duration::from_nanos(ns.min(duration_ns)))),
+        duration_ms: crate::ms(Duration::from_nanos(duration_ns)),
+        on_cpu_ms: on_cpu_ns.map(|ns| crate::ms(Duration::from_nanos(ns.min(duration_ns)))),
         cpu: cpu::classify(used, window_ns),
         culprit: long_poll.culprit.as_deref().cloned(),
         task_id: long_poll.task,
         jaeger_url: None,
+        stack: monitor.take_live_stack(long_poll.worker, long_poll.seq),
     });
+    let culprit = record
+        .culprit
+        .as_ref()
+        .map_or("an unnamed task", |c| &*c.route);
+    let place = crate::stack::top_user_frame(&record.stack)
+        .map(|f| format!(" {f}"))
+        .unwrap_or_default();
     tracing::warn!(
+        target: TARGET,
         worker = record.worker,
         duration_ms = record.duration_ms,
         cpu = record.cpu,
-        "stall over: worker {} was held for {:.0} ms ({}) by {}",
+        "stall over: worker {} was held for {:.0} ms ({}) by {culprit}{place}",
         record.worker,
         record.duration_ms,
         record.cpu,
-        record
-            .culprit
-            .as_ref()
-            .map_or("an unnamed task", |c| &*c.route)
     );
-    export_span(monitor, &record, &long_poll);
-}
-
-/// Exports an `executor.stall` span with the stall's exact start and end,
-/// linked to the culprit's request span. Built with the OpenTelemetry API
-/// directly (not a `tracing` span) because the watcher learns of the stall
-/// only when it is over, and a span must carry its real start time.
-fn export_span(monitor: &Monitor, record: &StallRecord, long_poll: &LongPoll) {
-    let tracer = global::tracer(crate::telemetry::SERVICE_NAME);
-    let start = UNIX_EPOCH + Duration::from_nanos(monitor.epoch_unix_ns + long_poll.started_ns);
-    let end = UNIX_EPOCH + Duration::from_nanos(monitor.epoch_unix_ns + long_poll.ended_ns);
-    let mut attributes = vec![
-        KeyValue::new("worker", record.worker as i64),
-        KeyValue::new("duration_ms", record.duration_ms),
-        KeyValue::new("cpu", record.cpu),
-        KeyValue::new("task.id", record.task_id as i64),
-    ];
-    if let Some(on_cpu) = record.on_cpu_ms {
-        attributes.push(KeyValue::new("on_cpu_ms", on_cpu));
+    // The span the tick opened, or (a stall over before any tick saw it)
+    // one opened now.
+    let span = match watched.get_mut(long_poll.worker) {
+        Some(w) if w.announced == Some(long_poll.seq) && w.span.is_some() => w.span.take(),
+        _ => None,
     }
-    let mut links = Vec::new();
-    if let Some(c) = &record.culprit {
-        attributes.push(KeyValue::new("culprit.route", c.route.clone()));
-        attributes.push(KeyValue::new("culprit.task", c.task.clone()));
-        if let (Some(trace), Some(span)) = (&c.trace_id, &c.span_id) {
-            attributes.push(KeyValue::new("culprit.trace_id", trace.clone()));
-            if let (Ok(trace_id), Ok(span_id)) = (TraceId::from_hex(trace), SpanId::from_hex(span))
-            {
-                let context = SpanContext::new(
-                    trace_id,
-                    span_id,
-                    TraceFlags::SAMPLED,
-                    true,
-                    TraceState::default(),
-                );
-                links.push(Link::with_context(context));
-            }
-        }
-    }
-    let mut span = tracer
-        .span_builder("executor.stall")
-        .with_kind(SpanKind::Internal)
-        .with_start_time(start)
-        .with_attributes(attributes)
-        .with_links(links)
-        .start(&tracer);
-    span.end_with_timestamp(end.max(start).min(SystemTime::now().max(end)));
+    .unwrap_or_else(|| {
+        crate::span::open(
+            long_poll.worker,
+            long_poll.task,
+            long_poll.culprit.as_deref(),
+        )
+    });
+    crate::span::close(&span, &record);
 }

@@ -12,33 +12,37 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use super::{Culprit, Monitor, cpu, task_id};
+use crate::cpu;
+use crate::culprit::{Culprit, task_id};
+use crate::monitor::Monitor;
 
 /// A poll that lasted at least the threshold, reported by the after-poll hook
 /// with exact timestamps.
 #[derive(Debug)]
-pub struct LongPoll {
-    pub worker: usize,
-    pub seq: u64,
-    pub started_ns: u64,
-    pub ended_ns: u64,
-    pub task: u64,
-    pub culprit: Option<Arc<Culprit>>,
-    pub tid: u64,
+pub(crate) struct LongPoll {
+    pub(crate) worker: usize,
+    pub(crate) seq: u64,
+    pub(crate) started_ns: u64,
+    pub(crate) ended_ns: u64,
+    pub(crate) task: u64,
+    pub(crate) culprit: Option<Arc<Culprit>>,
     /// The thread's scheduler clocks at the end of the poll.
-    pub clock_end: Option<cpu::SchedClock>,
+    pub(crate) clock_end: Option<cpu::SchedClock>,
 }
 
 thread_local! {
-    /// Whether this worker thread has recorded its OS thread id yet.
-    static TID_RECORDED: Cell<bool> = const { Cell::new(false) };
+    /// The monitor this thread has introduced itself to (its id), 0 for
+    /// none yet. An id, not a flag: a thread may poll for one runtime, then
+    /// another (a `current_thread` runtime runs on its caller's thread).
+    static REGISTERED_WITH: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Installs the hooks on `builder`; long polls are sent to `long_polls`.
-pub fn install(
+pub(crate) fn install(
     builder: &mut tokio::runtime::Builder,
     monitor: Arc<Monitor>,
     long_polls: Sender<LongPoll>,
+    on_first_poll: Arc<dyn Fn(usize) + Send + Sync>,
 ) {
     let before = monitor.clone();
     builder.on_before_task_poll(move |meta| {
@@ -48,8 +52,14 @@ pub fn install(
         let Some(slot) = before.slots.get(worker) else {
             return;
         };
-        if !TID_RECORDED.get() {
-            // Once per worker thread: its id and a first clock sample.
+        if REGISTERED_WITH.get() != before.id {
+            // Once per worker thread: the runtime, its thread id and a first
+            // clock sample.
+            REGISTERED_WITH.set(before.id);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                before.set_runtime(handle);
+            }
+            on_first_poll(worker);
             if let Some(tid) = cpu::current_tid() {
                 if let Some(clock) = cpu::thread_clock(tid) {
                     slot.first_on_cpu.store(clock.on_cpu_ns, Ordering::Relaxed);
@@ -60,7 +70,6 @@ pub fn install(
                 }
                 slot.tid.store(tid, Ordering::Release);
             }
-            TID_RECORDED.set(true);
         }
         // Sequence first, then the fields, start last with Release: a reader
         // that sees the new start also sees the new task (see
@@ -95,7 +104,6 @@ pub fn install(
         // A long poll: now, and only now, do the expensive parts.
         after.note_long_poll(worker, started_ns, ended_ns);
         let task = task_id(meta.id());
-        let tid = slot.tid.load(Ordering::Relaxed);
         let _ = long_polls.send(LongPoll {
             worker,
             seq: slot.poll_seq.load(Ordering::Acquire),
@@ -103,8 +111,7 @@ pub fn install(
             ended_ns,
             task,
             culprit: after.culprits.get(task),
-            tid,
-            clock_end: cpu::thread_clock(tid),
+            clock_end: cpu::thread_clock(slot.tid.load(Ordering::Relaxed)),
         });
     });
 }

@@ -1,138 +1,42 @@
-//! The stall watcher: every poll that holds a worker longer than
-//! `stall.threshold_ms`, named — worker, duration, culprit — while it happens.
+//! The state the hooks, the watcher and the views share: per-worker slots,
+//! the culprit registry and the history of finished stalls.
 //!
-//! Why not the usual tools:
-//! - a *heartbeat task* (sleep 10 ms, measure lateness) only notices when the
-//!   whole runtime is stuck: with 1 of 2 workers blocked the other one runs
-//!   the heartbeat on time and nothing is reported;
-//! - tokio-console flags a task only after a 1 s first poll, and shows no
-//!   workers;
-//! - a tracing backend sees spans, not the executor.
-//!
-//! So stall-lab watches the *workers*. tokio's poll hooks (`tokio_unstable`)
-//! run on the worker itself just before and after each task poll; they write
-//! "worker N started polling task T at time S" into that worker's
-//! [`WorkerSlot`] with a few atomic stores ([`hooks`]). A plain OS thread, the
-//! [`watcher`], reads the slots every [`watcher::TICK`]: a slot whose poll
-//! started more than the threshold ago is a stall *in progress*. When a long
-//! poll ends, the after-poll hook sends its exact start, end and CPU time to
-//! the watcher, which files a [`StallRecord`] in a bounded history.
-//!
-//! Who is to blame is looked up by task id in the [`Culprits`] registry,
-//! where the request middleware registers every request task (route, trace
-//! id). Nothing here runs on the application runtime's workers except the
-//! two hooks, so the watcher keeps watching while every worker is blocked.
-
-pub mod cpu;
-pub mod hooks;
-pub mod watcher;
+//! The poll hooks write each worker's [`WorkerSlot`] with a few atomic stores;
+//! everyone else only reads them. Nothing here runs on the watched runtime's
+//! workers except [`Monitor::note_long_poll`], called by the after-poll hook
+//! once a poll has turned out long.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-/// Who a task is: what the stall watcher reports as the culprit.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Culprit {
-    /// `GET /block/sleep`: method and route template. Shared, not copied:
-    /// a culprit is made for every request.
-    pub route: Arc<str>,
-    /// The task's name in tokio-console.
-    pub task: Arc<str>,
-    /// Hex trace id of the request, when tracing is on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
-    /// Hex span id of the request's server span (for span links).
-    #[serde(skip)]
-    pub span_id: Option<String>,
-}
-
-/// Task id → culprit, for every task worth naming (requests, fan-out jobs,
-/// named background tasks). Registered once per task, looked up only when a
-/// stall is found, so the per-poll hooks never touch it.
-#[derive(Debug, Default)]
-pub struct Culprits {
-    by_task: Mutex<HashMap<u64, Arc<Culprit>>>,
-}
-
-impl Culprits {
-    pub fn register(&self, task: tokio::task::Id, culprit: Arc<Culprit>) {
-        self.by_task
-            .lock()
-            .expect("culprits lock")
-            .insert(task_id(task), culprit);
-    }
-
-    pub fn unregister(&self, task: tokio::task::Id) {
-        self.by_task
-            .lock()
-            .expect("culprits lock")
-            .remove(&task_id(task));
-    }
-
-    pub fn get(&self, task: u64) -> Option<Arc<Culprit>> {
-        self.by_task
-            .lock()
-            .expect("culprits lock")
-            .get(&task)
-            .cloned()
-    }
-}
-
-/// tokio's task ids are opaque: no accessor gives the number. But `Id`
-/// derives `Hash` over its `NonZeroU64`, so a hasher that keeps the one `u64`
-/// it is fed recovers it without the allocation of `to_string()` — this runs
-/// in the poll hooks, on every poll.
-pub fn task_id(id: tokio::task::Id) -> u64 {
-    use std::hash::{Hash, Hasher};
-
-    #[derive(Default)]
-    struct Capture(u64);
-    impl Hasher for Capture {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            // Not reached for `Id` today; a fold keeps it well-defined if
-            // tokio ever hashes differently.
-            for b in bytes {
-                self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-            }
-        }
-        fn write_u64(&mut self, n: u64) {
-            self.0 = n;
-        }
-    }
-    let mut capture = Capture::default();
-    id.hash(&mut capture);
-    capture.finish()
-}
+use crate::culprit::{Culprit, Culprits};
 
 /// What one worker is doing right now, written by the poll hooks on that
 /// worker and read by everyone else. Plain atomics: the hooks run on every
 /// poll of every task and must cost next to nothing.
 #[derive(Debug, Default)]
-pub struct WorkerSlot {
+pub(crate) struct WorkerSlot {
     /// Start of the poll in progress, in nanoseconds since the monitor's
     /// epoch, plus one; 0 means "not polling".
-    poll_started: AtomicU64,
+    pub(crate) poll_started: AtomicU64,
     /// Incremented at every poll start: tells two polls apart even if they
     /// started at the same nanosecond.
-    poll_seq: AtomicU64,
+    pub(crate) poll_seq: AtomicU64,
     /// The task being polled.
-    task: AtomicU64,
+    pub(crate) task: AtomicU64,
     /// The OS thread id of this worker (for its CPU clock in /proc), 0 until
     /// its first poll.
-    tid: AtomicU64,
+    pub(crate) tid: AtomicU64,
     /// The thread's scheduler clocks when its id was recorded, and when:
     /// the watcher's first "before" sample, should the worker's very first
     /// task be a stall.
-    first_clock_at: AtomicU64,
-    first_on_cpu: AtomicU64,
-    first_waiting: AtomicU64,
+    pub(crate) first_clock_at: AtomicU64,
+    pub(crate) first_on_cpu: AtomicU64,
+    pub(crate) first_waiting: AtomicU64,
     /// The last finished poll of at least the threshold: start and end, in
     /// nanoseconds since the epoch, plus one (0: none yet). Written by the
     /// after-poll hook before the worker polls anything else, so a request
@@ -142,9 +46,10 @@ pub struct WorkerSlot {
     last_long_poll_ended: AtomicU64,
 }
 
-/// The state of one worker as reported by `/debug/runtime`.
+/// The state of one worker, now.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerView {
+    /// The worker's index (`tokio::runtime::worker_index`).
     pub index: usize,
     /// `idle`, `polling` (a poll shorter than the threshold so far) or
     /// `stalled`.
@@ -155,152 +60,197 @@ pub struct WorkerView {
     pub current: Option<Culprit>,
 }
 
-/// A stall in progress, as reported by `/debug/stalls`.
+/// A stall in progress.
 #[derive(Debug, Clone, Serialize)]
 pub struct ActiveStall {
+    /// The held worker.
     pub worker: usize,
+    /// When the poll began, Unix milliseconds.
     pub started_at_ms: u64,
+    /// How long it has lasted so far.
     pub elapsed_ms: f64,
+    /// Who holds the worker, when the task was named.
     pub culprit: Option<Culprit>,
+    /// The tokio task id of the poll.
     pub task_id: u64,
+    /// The held worker's stack, captured during this very poll (empty until
+    /// the first capture arrives, or when stacks are off or unsupported).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stack: Vec<crate::Frame>,
 }
 
 /// A finished stall.
 #[derive(Debug, Clone, Serialize)]
 pub struct StallRecord {
-    /// Sequence number since the server started, from 1.
+    /// Sequence number since the watcher started, from 1.
     pub id: u64,
+    /// The worker that was held.
     pub worker: usize,
-    /// Unix milliseconds.
+    /// When the poll began, Unix milliseconds.
     pub started_at_ms: u64,
+    /// How long the poll held the worker, exactly (from the poll hooks).
     pub duration_ms: f64,
-    /// CPU time the worker thread used during the stall (as sampled; see
-    /// [`cpu`]), and the classification derived from it.
+    /// CPU time the worker thread used during the stall, as sampled from
+    /// the kernel's per-thread clocks.
     pub on_cpu_ms: Option<f64>,
     /// `on-cpu` (computing), `off-cpu` (sleeping or waiting in a blocking
     /// call), `preempted` (ready but denied a CPU by the OS: an overloaded
     /// machine), `mixed`, or `unknown` where the clocks are unavailable.
     pub cpu: &'static str,
+    /// Who held the worker, when the task was named.
     pub culprit: Option<Culprit>,
+    /// The tokio task id of the poll.
     pub task_id: u64,
-    /// Link to the culprit's trace, when there is one.
+    /// Link to the culprit's trace, when it has one and a trace URL is set.
     pub jaeger_url: Option<String>,
+    /// The held worker's stack, captured while it was held: the last
+    /// capture of the stall (empty when none was taken).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stack: Vec<crate::Frame>,
+}
+
+/// Stalls in progress and recent ones: the `/debug/stalls` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stalls {
+    /// The threshold a poll must cross to be a stall.
+    pub threshold_ms: f64,
+    /// Stalls in progress, read straight from the workers' slots.
+    pub in_progress: Vec<ActiveStall>,
+    /// The most recent finished stalls, newest first.
+    pub recent: Vec<StallRecord>,
+    /// Finished stalls since the watcher started.
+    pub total: u64,
+    /// Whether the watcher wakes an idle worker as a stall begins.
+    pub wake_idle_worker: bool,
+    /// `"on"`, `"off"` or `"unsupported"` (stack capture needs Linux on
+    /// x86_64 or aarch64).
+    pub stacks: &'static str,
 }
 
 /// Task name of the empty task that wakes an idle worker at a stall.
 pub const WAKE_TASK_NAME: &str = "stall watcher: wake an idle worker";
 
-/// What the runtime builder needs to install the poll hooks.
-pub struct Watch {
-    pub monitor: Arc<Monitor>,
-    pub long_polls: std::sync::mpsc::Sender<hooks::LongPoll>,
-}
-
-/// Creates the monitor, starts the watcher thread, and returns what the
-/// runtime builder needs. The watcher stops by itself once the runtime (and
-/// with it the hooks' sender) is dropped.
-pub fn start(
-    workers: usize,
-    config: &crate::config::StallConfig,
-    jaeger_ui_url: Option<&str>,
-) -> std::io::Result<Watch> {
-    let monitor = Monitor::new(
-        workers,
-        Duration::from_millis(config.threshold_ms),
-        config.history,
-        jaeger_ui_url,
-    );
-    let (long_polls, receiver) = std::sync::mpsc::channel();
-    watcher::spawn(monitor.clone(), receiver)?;
-    Ok(Watch {
-        monitor,
-        long_polls,
-    })
-}
-
-/// Everything the hooks, the watcher and the admin server share.
+/// Everything the hooks, the watcher and the views share.
 #[derive(Debug)]
-pub struct Monitor {
+pub(crate) struct Monitor {
     epoch: Instant,
-    epoch_unix_ns: u64,
-    pub threshold: Duration,
-    slots: Vec<WorkerSlot>,
-    pub culprits: Culprits,
+    pub(crate) epoch_unix_ns: u64,
+    pub(crate) threshold: Duration,
+    pub(crate) slots: Vec<WorkerSlot>,
+    pub(crate) culprits: Culprits,
     history: Mutex<VecDeque<StallRecord>>,
     history_len: usize,
     total: AtomicU64,
-    /// Base URL of the Jaeger UI, for `jaeger_url` links (none when traces
-    /// are not exported).
-    jaeger_ui_url: Option<String>,
-    /// The application runtime, when the watcher is to wake an idle worker
-    /// at each stall (`stall.wake_idle_worker`).
-    wake: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Base URL for trace links (`{url}/trace/{trace_id}`).
+    trace_url: Option<String>,
+    /// Whether the watcher wakes an idle worker at each stall.
+    wake_idle_worker: bool,
+    /// The watched runtime, learnt by the poll hooks on a worker's first
+    /// poll: its metrics for the views, and where to spawn the wake-up task.
+    runtime: OnceLock<tokio::runtime::Handle>,
+    /// Its worker count (0 until it is known), capped at the slots.
+    workers: AtomicUsize,
+    /// Identifies this monitor to the hooks' per-thread "already
+    /// registered" mark.
+    pub(crate) id: usize,
+    /// `"on"`, `"off"` or `"unsupported"`, once the sampler has started.
+    stacks: OnceLock<&'static str>,
+    /// The latest stack captured on each held worker, with the poll sequence
+    /// number it belongs to (set by the watcher during a stall).
+    live_stacks: Mutex<HashMap<usize, (u64, Vec<crate::Frame>)>>,
 }
 
 impl Monitor {
-    pub fn new(
-        workers: usize,
-        threshold: Duration,
-        history_len: usize,
-        jaeger_ui_url: Option<&str>,
-    ) -> Arc<Monitor> {
+    pub(crate) fn new(config: &crate::Config) -> Monitor {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
         let epoch_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0));
-        Arc::new(Monitor {
+        Monitor {
             epoch: Instant::now(),
             epoch_unix_ns,
-            threshold,
-            slots: (0..workers).map(|_| WorkerSlot::default()).collect(),
+            threshold: config.threshold,
+            slots: (0..config.max_workers)
+                .map(|_| WorkerSlot::default())
+                .collect(),
             culprits: Culprits::default(),
-            history: Mutex::new(VecDeque::with_capacity(history_len)),
-            history_len,
+            history: Mutex::new(VecDeque::with_capacity(config.history)),
+            history_len: config.history,
             total: AtomicU64::new(0),
-            jaeger_ui_url: jaeger_ui_url.map(|url| url.trim_end_matches('/').to_owned()),
-            wake: std::sync::OnceLock::new(),
-        })
+            trace_url: config.trace_url.clone(),
+            wake_idle_worker: config.wake_idle_worker,
+            runtime: OnceLock::new(),
+            workers: AtomicUsize::new(0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stacks: OnceLock::new(),
+            live_stacks: Mutex::new(HashMap::new()),
+        }
     }
 
-    pub fn workers(&self) -> usize {
-        self.slots.len()
+    /// The watched runtime, once one of its workers has polled a task.
+    pub(crate) fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.get()
     }
 
-    /// From now on, the watcher wakes an idle worker of `app` whenever a
-    /// stall begins (see [`Monitor::wake_an_idle_worker`]).
-    pub fn wake_idle_workers_of(&self, app: tokio::runtime::Handle) {
-        let _ = self.wake.set(app);
+    pub(crate) fn set_runtime(&self, handle: tokio::runtime::Handle) {
+        let workers = handle.metrics().num_workers();
+        if self.runtime.set(handle).is_ok() {
+            self.set_workers(workers);
+        }
     }
 
-    /// Spawns an empty task on the application runtime from this (non-
-    /// worker) thread, if asked to. A task arriving from outside goes to the
+    pub(crate) fn set_workers(&self, workers: usize) {
+        self.workers
+            .store(workers.min(self.slots.len()), Ordering::Release);
+    }
+
+    /// Workers of the watched runtime (0 until it has polled a task).
+    pub(crate) fn workers(&self) -> usize {
+        self.workers.load(Ordering::Acquire)
+    }
+
+    /// Whether the watcher wakes an idle worker at each stall, and can: only
+    /// a multi_thread runtime has another worker to wake.
+    pub(crate) fn wakes_idle_workers(&self) -> bool {
+        self.wake_idle_worker
+            && self
+                .runtime
+                .get()
+                .is_some_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    }
+
+    /// Spawns an empty task on the watched runtime from this (non-worker)
+    /// thread, if asked to. A task arriving from outside goes to the
     /// runtime's shared queue and unparks a sleeping worker. That worker runs
     /// it, finds nothing else to do, and parks again, this time on the I/O
     /// driver, which the blocked worker let go of when it woke. From then on
     /// sockets are read and timers fire although one worker is held.
-    fn wake_an_idle_worker(&self) {
-        if let Some(app) = self.wake.get() {
+    pub(crate) fn wake_an_idle_worker(&self) {
+        if self.wakes_idle_workers()
+            && let Some(rt) = self.runtime.get()
+        {
             let _ = tokio::task::Builder::new()
                 .name(WAKE_TASK_NAME)
-                .spawn_on(async {}, app);
+                .spawn_on(async {}, rt);
         }
     }
 
     /// Nanoseconds since the epoch, for the slots' timestamps.
-    fn now_ns(&self) -> u64 {
+    pub(crate) fn now_ns(&self) -> u64 {
         self.ns_at(Instant::now())
     }
 
-    fn ns_at(&self, at: Instant) -> u64 {
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Unix milliseconds of a monitor timestamp.
-    fn unix_ms(&self, ns: u64) -> u64 {
+    pub(crate) fn unix_ms(&self, ns: u64) -> u64 {
         (self.epoch_unix_ns + ns) / 1_000_000
     }
 
     /// The poll in progress on `worker`: (sequence, start ns, task id).
-    fn current_poll(&self, worker: usize) -> Option<(u64, u64, u64)> {
+    pub(crate) fn current_poll(&self, worker: usize) -> Option<(u64, u64, u64)> {
         let slot = &self.slots[worker];
         // Read the sequence on both sides of the other fields: if it moved,
         // a new poll began meanwhile and the fields may be mixed; treat that
@@ -336,12 +286,12 @@ impl Monitor {
     /// The workers held by a poll of at least the threshold at some moment
     /// between `from` and `to`: the one in progress, the last one that
     /// ended (noted by the hook, possibly not filed yet), or any filed stall.
-    pub fn workers_held_between(&self, from: Instant, to: Instant) -> Vec<usize> {
+    pub(crate) fn workers_held_between(&self, from: Instant, to: Instant) -> Vec<usize> {
         let (from, to) = (self.ns_at(from), self.ns_at(to));
         let overlaps = |started: u64, ended: u64| started < to && ended > from;
         let now = self.now_ns();
         let threshold = u64::try_from(self.threshold.as_nanos()).unwrap_or(u64::MAX);
-        let mut held: Vec<bool> = (0..self.slots.len())
+        let mut held: Vec<bool> = (0..self.workers())
             .map(|worker| {
                 let in_progress = self.current_poll(worker).is_some_and(|(_, started, _)| {
                     now.saturating_sub(started) >= threshold && overlaps(started, now)
@@ -372,9 +322,9 @@ impl Monitor {
     }
 
     /// Every worker's state, now.
-    pub fn worker_views(&self) -> Vec<WorkerView> {
+    pub(crate) fn worker_views(&self) -> Vec<WorkerView> {
         let now = self.now_ns();
-        (0..self.slots.len())
+        (0..self.workers())
             .map(|index| match self.current_poll(index) {
                 None => WorkerView {
                     index,
@@ -391,7 +341,7 @@ impl Monitor {
                         } else {
                             "polling"
                         },
-                        poll_elapsed_ms: Some(crate::measure::ms(elapsed)),
+                        poll_elapsed_ms: Some(crate::ms(elapsed)),
                         current: self.culprits.get(task).map(|c| (*c).clone()),
                     }
                 }
@@ -400,41 +350,42 @@ impl Monitor {
     }
 
     /// Stalls in progress, read straight from the slots: no watcher latency.
-    pub fn active_stalls(&self) -> Vec<ActiveStall> {
+    pub(crate) fn active_stalls(&self) -> Vec<ActiveStall> {
         let now = self.now_ns();
-        (0..self.slots.len())
+        (0..self.workers())
             .filter_map(|worker| {
-                let (_, started, task) = self.current_poll(worker)?;
+                let (seq, started, task) = self.current_poll(worker)?;
                 let elapsed = Duration::from_nanos(now.saturating_sub(started));
                 (elapsed >= self.threshold).then(|| ActiveStall {
                     worker,
                     started_at_ms: self.unix_ms(started),
-                    elapsed_ms: crate::measure::ms(elapsed),
+                    elapsed_ms: crate::ms(elapsed),
                     culprit: self.culprits.get(task).map(|c| (*c).clone()),
                     task_id: task,
+                    stack: self.live_stack(worker, seq),
                 })
             })
             .collect()
     }
 
     /// The most recent finished stalls, newest first.
-    pub fn recent_stalls(&self, limit: usize) -> Vec<StallRecord> {
+    pub(crate) fn recent_stalls(&self, limit: usize) -> Vec<StallRecord> {
         let history = self.history.lock().expect("history lock");
         history.iter().rev().take(limit).cloned().collect()
     }
 
     /// How many stalls have finished since start.
-    pub fn total_stalls(&self) -> u64 {
+    pub(crate) fn total_stalls(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
 
-    fn file(&self, mut record: StallRecord) -> StallRecord {
+    pub(crate) fn file(&self, mut record: StallRecord) -> StallRecord {
         record.id = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         record.jaeger_url = record
             .culprit
             .as_ref()
             .and_then(|c| c.trace_id.as_ref())
-            .zip(self.jaeger_ui_url.as_ref())
+            .zip(self.trace_url.as_ref())
             .map(|(trace, base)| format!("{base}/trace/{trace}"));
         let mut history = self.history.lock().expect("history lock");
         if history.len() == self.history_len {
@@ -444,28 +395,69 @@ impl Monitor {
         record
     }
 
-    /// The `/debug/stalls` document.
-    pub fn stalls_document(&self, recent: usize) -> serde_json::Value {
-        serde_json::json!({
-            "threshold_ms": crate::measure::ms(self.threshold),
-            "in_progress": self.active_stalls(),
-            "recent": self.recent_stalls(recent),
-            "total": self.total_stalls(),
-            // Whether the watcher wakes an idle worker as a stall begins.
-            "wake_idle_worker": self.wake.get().is_some(),
-        })
+    pub(crate) fn set_stacks(&self, stacks: &'static str) {
+        let _ = self.stacks.set(stacks);
+    }
+
+    /// Keeps `stack`, captured during poll `seq` on `worker`, as that
+    /// stall's live stack.
+    pub(crate) fn set_live_stack(&self, worker: usize, seq: u64, stack: Vec<crate::Frame>) {
+        self.live_stacks
+            .lock()
+            .expect("live stacks lock")
+            .insert(worker, (seq, stack));
+    }
+
+    /// Takes the live stack of poll `seq` on `worker`, once it has ended.
+    pub(crate) fn take_live_stack(&self, worker: usize, seq: u64) -> Vec<crate::Frame> {
+        let mut stacks = self.live_stacks.lock().expect("live stacks lock");
+        match stacks.get(&worker) {
+            Some((s, _)) if *s == seq => stacks.remove(&worker).map(|(_, f)| f).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn live_stack(&self, worker: usize, seq: u64) -> Vec<crate::Frame> {
+        match self
+            .live_stacks
+            .lock()
+            .expect("live stacks lock")
+            .get(&worker)
+        {
+            Some((s, frames)) if *s == seq => frames.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Stalls in progress and the `recent` most recent finished ones.
+    pub(crate) fn stalls(&self, recent: usize) -> Stalls {
+        Stalls {
+            threshold_ms: crate::ms(self.threshold),
+            in_progress: self.active_stalls(),
+            recent: self.recent_stalls(recent),
+            total: self.total_stalls(),
+            wake_idle_worker: self.wakes_idle_workers(),
+            stacks: self.stacks.get().copied().unwrap_or("off"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// A monitor of two workers whose epoch is 50 ms in the past, and "now".
     fn monitor() -> (Arc<Monitor>, Instant) {
-        let monitor = Monitor::new(2, Duration::from_millis(1), 8, None);
+        let monitor = Monitor::new(
+            &crate::Config::default()
+                .threshold(Duration::from_millis(1))
+                .history(8),
+        );
+        monitor.set_workers(2);
         std::thread::sleep(Duration::from_millis(50));
-        (monitor, Instant::now())
+        (Arc::new(monitor), Instant::now())
     }
 
     fn ms(n: u64) -> Duration {
@@ -495,6 +487,7 @@ mod tests {
             culprit: None,
             task_id: 1,
             jaeger_url: None,
+            stack: Vec::new(),
         });
         // …but its slot now records a later long poll, after the interval.
         monitor.note_long_poll_at(0, now + ms(1), now + ms(3));
