@@ -1400,7 +1400,13 @@ fn polls_per_healthz() -> f64 {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let state = stall_lab::state::AppState::new(&config, format!("http://{addr}"), monitor, None);
+    let state = stall_lab::state::AppState::new(
+        &config,
+        format!("http://{addr}"),
+        monitor,
+        None,
+        stall_lab::scenarios::ALL.iter().map(|s| s.route),
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn(stall_lab::server::run(
         listener,

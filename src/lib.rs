@@ -38,6 +38,7 @@ pub mod params;
 pub mod report;
 pub mod request;
 pub mod runtime;
+pub mod scenario;
 pub mod scenarios;
 pub mod server;
 pub mod shutdown;

@@ -11,6 +11,12 @@ use crate::error::AppError;
 use stall_watch::{Culprit, Place, Watch};
 
 use crate::measure::{PollStats, Snapshot, ms};
+use crate::scenario::Scenario;
+
+/// A poll longer than this is "holding the worker" in verdicts: long enough
+/// to be no accident of scheduling, short enough that a person would notice
+/// it in a latency chart.
+pub const HOLD_MS: f64 = 20.0;
 
 /// The JSON body of every scenario.
 #[derive(Debug, Serialize)]
@@ -39,7 +45,7 @@ impl Report {
     /// The answer of `scenario` with its measured `stats` and `verdict`, for
     /// the request `probe` measured (scenarios call [`Probe::report`]).
     fn new(
-        scenario: &crate::scenarios::Scenario,
+        scenario: &Scenario,
         probe: &Probe,
         params: serde_json::Value,
         stats: Snapshot,
@@ -47,7 +53,7 @@ impl Report {
     ) -> Report {
         // The victim's side of a stall: it could not even be read.
         if let Some(queued) = stats.queued_ms
-            && queued >= crate::scenarios::HOLD_MS
+            && queued >= HOLD_MS
         {
             verdict.push_str(&probe.why_unread(queued));
         }
@@ -177,7 +183,7 @@ pub fn job_threads(jobs: &[Job]) -> usize {
 }
 
 /// The request's own poll statistics, handed to the handler by the request
-/// middleware ([`crate::request`]). Also the request's start time, the zero
+/// request middleware. Also the request's start time, the zero
 /// of every [`Job`] interval.
 #[derive(Clone, Debug)]
 pub struct Probe {
@@ -199,7 +205,7 @@ impl Probe {
     /// measured `stats` and the `verdict` on them.
     pub fn report(
         &self,
-        scenario: &crate::scenarios::Scenario,
+        scenario: &Scenario,
         params: serde_json::Value,
         stats: Snapshot,
         verdict: String,

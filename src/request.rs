@@ -44,12 +44,6 @@ use crate::state::AppState;
 /// Route label for requests that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
-/// The task name of a request: method and route template, e.g.
-/// `GET /block/sleep`, never the concrete path with its query.
-pub fn task_name(method: &axum::http::Method, route: &str) -> String {
-    format!("{method} {route}")
-}
-
 pub async fn run_in_own_task(
     State(state): State<AppState>,
     mut req: Request,

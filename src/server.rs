@@ -113,7 +113,13 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
 
     let result = runtime.block_on(async {
         let listener = TcpListener::from_std(app_listener)?;
-        let state = AppState::new(&config, app_url, watch, console_budget);
+        let state = AppState::new(
+            &config,
+            app_url,
+            watch,
+            console_budget,
+            crate::scenarios::ALL.iter().map(|s| s.route),
+        );
         run(
             listener,
             state,

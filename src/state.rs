@@ -58,6 +58,12 @@ struct RouteNames {
     untraced: Arc<Culprit>,
 }
 
+/// The task name of a request: method and route template, e.g.
+/// `GET /block/sleep`, never the concrete path with its query.
+pub fn task_name(method: &axum::http::Method, route: &str) -> String {
+    format!("{method} {route}")
+}
+
 impl AppState {
     /// Names `task` as `culprit` for the stall watcher until the returned
     /// guard is dropped.
@@ -69,7 +75,7 @@ impl AppState {
     pub fn task_name(&self, method: &axum::http::Method, route: &str) -> Arc<str> {
         match self.names.get(route) {
             Some(names) if method == axum::http::Method::GET => names.task.clone(),
-            _ => Arc::from(crate::request::task_name(method, route)),
+            _ => Arc::from(task_name(method, route)),
         }
     }
 
@@ -102,14 +108,14 @@ impl AppState {
         self_url: String,
         watch: Option<Watch>,
         console_budget: Option<Arc<ConsoleBudget>>,
+        routes: impl IntoIterator<Item = &'static str>,
     ) -> Self {
-        let names = crate::scenarios::ALL
-            .iter()
-            .map(|s| {
-                let task: Arc<str> =
-                    Arc::from(crate::request::task_name(&axum::http::Method::GET, s.route));
+        let names = routes
+            .into_iter()
+            .map(|route| {
+                let task: Arc<str> = Arc::from(task_name(&axum::http::Method::GET, route));
                 let untraced = Arc::new(Culprit::new(task.clone()));
-                (s.route, RouteNames { task, untraced })
+                (route, RouteNames { task, untraced })
             })
             .collect();
         AppState(Arc::new(Shared {

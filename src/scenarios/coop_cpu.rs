@@ -38,12 +38,17 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/block/cpu"),
     stalls: false,
     example_query: "ms=200",
+    handler: route,
 };
 
 /// How much work runs between two yields: short enough that a request
 /// queued behind this one waits about a millisecond, long enough that the
 /// cost of a yield (a trip through the scheduler) stays small.
 pub const SLICE: Duration = Duration::from_millis(1);
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(state): State<AppState>,

@@ -34,7 +34,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/block/sleep"),
     stalls: false,
     example_query: "ms=200",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(_state): State<AppState>,

@@ -34,7 +34,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: None,
     stalls: false,
     example_query: "ms=100",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(state): State<AppState>,

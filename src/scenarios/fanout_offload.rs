@@ -36,7 +36,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/fanout/spawn"),
     stalls: true,
     example_query: "n=4&ms=100",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(state): State<AppState>,

@@ -32,7 +32,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/fanout/join"),
     stalls: false,
     example_query: "n=8&ms=200",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(_state): State<AppState>,

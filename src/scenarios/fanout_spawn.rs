@@ -37,10 +37,15 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/fanout/offload"),
     stalls: true,
     example_query: "n=4&ms=100",
+    handler: route,
 };
 
 /// Task name of the spawned jobs in tokio-console.
 pub const JOB_TASK_NAME: &str = "GET /fanout/spawn job";
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(state): State<AppState>,

@@ -35,7 +35,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: None,
     stalls: false,
     example_query: "",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(_state): State<AppState>,

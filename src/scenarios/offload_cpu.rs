@@ -35,7 +35,12 @@ pub const SCENARIO: Scenario = Scenario {
     twin: Some("/block/cpu"),
     stalls: false,
     example_query: "ms=200",
+    handler: route,
 };
+
+fn route() -> axum::routing::MethodRouter<AppState> {
+    axum::routing::get(handler)
+}
 
 pub async fn handler(
     State(state): State<AppState>,
