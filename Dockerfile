@@ -31,6 +31,7 @@ WORKDIR /app
 # to it, which would silently drop tokio_unstable. The first RUN below fails
 # fast if a base image or the environment ever sets one.
 COPY Cargo.toml Cargo.lock ./
+COPY crates/stall-watch/Cargo.toml ./crates/stall-watch/
 COPY .cargo ./.cargo
 
 # The slim toolchain image has gcc but not make, which tikv-jemalloc-sys needs
@@ -40,13 +41,13 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # Cargo refuses to read a manifest whose declared targets point at missing
-# files, so each target in Cargo.toml gets a stub: the lib, the binary and
-# the overhead bench (the bench is never built here, it only has to exist).
-# A new [lib]/[[bin]]/[[bench]] in Cargo.toml needs its stub here too; the
-# build below fails loudly until it has one.
+# files, so each target in the two Cargo.toml files gets a stub: stall-lab's
+# lib, binary and overhead bench; stall-watch's lib, and its example and test
+# (never built here, they only have to exist). A new declared target needs
+# its stub here too; the build below fails loudly until it has one.
 #
-# The final `cargo clean --package stall-lab` forgets the stub build of our own
-# crate while keeping every dependency. Without it cargo may judge the real
+# The final `cargo clean` forgets the stub builds of our own two crates while
+# keeping every dependency. Without it cargo may judge the real
 # sources copied below as up to date (COPY keeps the build context's mtimes,
 # which are older than the stub artifacts) and ship the empty stub binary.
 RUN set -eu; \
@@ -55,19 +56,23 @@ RUN set -eu; \
            "--cfg tokio_unstable from .cargo/config.toml" >&2; \
       exit 1; \
     fi; \
-    mkdir -p src/bin benches; \
+    mkdir -p src/bin benches crates/stall-watch/src crates/stall-watch/examples crates/stall-watch/tests; \
     : > src/lib.rs; \
     echo 'fn main() {}' > src/bin/stall-lab.rs; \
     echo 'fn main() {}' > benches/overhead.rs; \
+    : > crates/stall-watch/src/lib.rs; \
+    echo 'fn main() {}' > crates/stall-watch/examples/axum_app.rs; \
+    : > crates/stall-watch/tests/axum_app.rs; \
     cargo build --release --locked; \
-    cargo clean --release --package stall-lab
+    cargo clean --release --package stall-lab --package stall-watch
 
 # --- Layer 2: the real crate ----------------------------------------------
-# config/default.toml and assets/ are embedded with include_str!, so they are
-# compile inputs and must be present before the build, not just at run time.
+# config/default.toml and the dashboard (crates/stall-watch/src/admin/) are
+# embedded with include_str!, so they are compile inputs and must be present
+# before the build, not just at run time.
 COPY src ./src
 COPY config ./config
-COPY assets ./assets
+COPY crates ./crates
 RUN cargo build --release --locked \
     && install -D -m 0755 target/release/stall-lab /out/stall-lab
 
