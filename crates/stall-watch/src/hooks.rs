@@ -2,7 +2,7 @@
 //!
 //! `on_before_task_poll` and `on_after_task_poll` (tokio_unstable) run on the
 //! worker thread immediately around every task poll. They must be cheap: a
-//! thread-local read for the worker index, one clock read, a few relaxed or
+//! thread-local read for the worker index, one TSC read (quanta), a few relaxed or
 //! release atomic stores. Anything heavier — looking up the culprit, reading
 //! the CPU clock — happens only when a poll turns out to be long.
 
@@ -10,7 +10,6 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
-use std::time::Duration;
 
 use crate::cpu;
 use crate::culprit::{Culprit, task_id};
@@ -79,7 +78,7 @@ pub(crate) fn install(
             .store(slot.poll_seq.load(Ordering::Relaxed) + 1, Ordering::Release);
         slot.task.store(task_id(meta.id()), Ordering::Release);
         slot.poll_started
-            .store(before.now_ns() + 1, Ordering::Release);
+            .store(before.clock.raw() + 1, Ordering::Release);
     });
 
     let after = monitor;
@@ -96,12 +95,12 @@ pub(crate) fn install(
         if started == 0 {
             return;
         }
-        let started_ns = started - 1;
-        let ended_ns = after.now_ns();
-        if Duration::from_nanos(ended_ns.saturating_sub(started_ns)) < after.threshold {
+        let (started, ended) = (started - 1, after.clock.raw());
+        if after.clock.delta_as_nanos(started, ended) < after.threshold_ns {
             return;
         }
         // A long poll: now, and only now, do the expensive parts.
+        let (started_ns, ended_ns) = (after.raw_to_ns(started), after.raw_to_ns(ended));
         after.note_long_poll(worker, started_ns, ended_ns);
         let task = task_id(meta.id());
         let _ = long_polls.send(LongPoll {

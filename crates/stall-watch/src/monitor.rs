@@ -20,8 +20,8 @@ use crate::culprit::{Culprit, Culprits};
 /// poll of every task and must cost next to nothing.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerSlot {
-    /// Start of the poll in progress, in nanoseconds since the monitor's
-    /// epoch, plus one; 0 means "not polling".
+    /// Start of the poll in progress, in raw ticks of the monitor's clock,
+    /// plus one; 0 means "not polling".
     pub(crate) poll_started: AtomicU64,
     /// Incremented at every poll start: tells two polls apart even if they
     /// started at the same nanosecond.
@@ -134,6 +134,14 @@ pub const WAKE_TASK_NAME: &str = "stall watcher: wake an idle worker";
 #[derive(Debug)]
 pub(crate) struct Monitor {
     epoch: Instant,
+    /// The hooks' clock: the TSC where it is reliable (a third of the cost
+    /// of `Instant::now`), else the OS clock. Slots keep its raw ticks,
+    /// scaled to nanoseconds only off the hot path.
+    pub(crate) clock: quanta::Clock,
+    /// `clock`'s raw reading at `epoch`.
+    epoch_raw: u64,
+    /// The threshold in nanoseconds, for the after-poll hook's comparison.
+    pub(crate) threshold_ns: u64,
     pub(crate) epoch_unix_ns: u64,
     pub(crate) threshold: Duration,
     pub(crate) slots: Vec<WorkerSlot>,
@@ -166,8 +174,13 @@ impl Monitor {
         let epoch_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0));
+        let clock = quanta::Clock::new();
+        let epoch_raw = clock.raw();
         Monitor {
             epoch: Instant::now(),
+            clock,
+            epoch_raw,
+            threshold_ns: u64::try_from(config.threshold.as_nanos()).unwrap_or(u64::MAX),
             epoch_unix_ns,
             threshold: config.threshold,
             slots: (0..config.max_workers)
@@ -235,9 +248,14 @@ impl Monitor {
         }
     }
 
-    /// Nanoseconds since the epoch, for the slots' timestamps.
+    /// Nanoseconds since the epoch, now.
     pub(crate) fn now_ns(&self) -> u64 {
-        self.ns_at(Instant::now())
+        self.raw_to_ns(self.clock.raw())
+    }
+
+    /// Nanoseconds since the epoch of a raw clock reading.
+    pub(crate) fn raw_to_ns(&self, raw: u64) -> u64 {
+        self.clock.delta_as_nanos(self.epoch_raw, raw)
     }
 
     pub(crate) fn ns_at(&self, at: Instant) -> u64 {
@@ -261,7 +279,7 @@ impl Monitor {
         if started == 0 || slot.poll_seq.load(Ordering::Acquire) != seq {
             return None;
         }
-        Some((seq, started - 1, task))
+        Some((seq, self.raw_to_ns(started - 1), task))
     }
 
     /// Notes on `worker`'s slot a finished poll of at least the threshold
