@@ -1,0 +1,148 @@
+//! The core on a bare tokio runtime (no axum): a stall is seen while it
+//! lasts, named after the task's culprit, filed with its CPU class, and
+//! reported as an `executor.stall` span that follows from the culprit's
+//! span.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stall_watch::{Config, Culprit, Watch};
+use tracing::span::{Attributes, Id};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Waits up to 5 s for `check` to give a value.
+fn wait_for<T>(mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn one_worker(watch: &Watch) -> tokio::runtime::Runtime {
+    watch
+        .install(&mut tokio::runtime::Builder::new_multi_thread())
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_stall_is_named_while_it_lasts_then_filed_with_its_cpu_class() {
+    let watch = Watch::new(Config::default().threshold(Duration::from_millis(20)));
+    let runtime = one_worker(&watch);
+    let tracker = watch.clone();
+    runtime.spawn(async move {
+        let _named = tracker.track_current(Arc::new(Culprit::new("job: nightly report")));
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let live = wait_for(|| watch.stalls(10).in_progress.into_iter().next());
+    assert_eq!(live.worker, 0);
+    assert_eq!(&*live.culprit.expect("named").route, "job: nightly report");
+    assert_eq!(watch.workers()[0].state, "stalled");
+
+    let filed = wait_for(|| watch.stalls(10).recent.into_iter().next());
+    assert!(filed.duration_ms >= 290.0, "{filed:?}");
+    assert_eq!(filed.cpu, "off-cpu", "{filed:?}");
+    assert_eq!(&*filed.culprit.expect("named").route, "job: nightly report");
+
+    // A busy loop is on-CPU (or, on a machine too loaded to give it a
+    // core, preempted: never off-CPU).
+    runtime.spawn(async {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(200) {
+            std::hint::black_box(0u64);
+        }
+    });
+    let busy = wait_for(|| {
+        let stalls = watch.stalls(10);
+        (stalls.total >= 2).then(|| stalls.recent[0].clone())
+    });
+    assert!(matches!(busy.cpu, "on-cpu" | "preempted"), "{busy:?}");
+    assert!(busy.culprit.is_none(), "an untracked task has no culprit");
+}
+
+#[test]
+fn short_polls_are_not_stalls() {
+    let watch = Watch::new(Config::default().threshold(Duration::from_millis(50)));
+    let runtime = one_worker(&watch);
+    runtime.block_on(async {
+        for _ in 0..20 {
+            tokio::spawn(async { std::thread::sleep(Duration::from_millis(2)) })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(watch.stalls(10).total, 0);
+}
+
+/// Spans named `executor.stall`, and what each follows from.
+#[derive(Default, Clone)]
+struct Recorder {
+    stalls: Arc<Mutex<Vec<Id>>>,
+    follows: Arc<Mutex<Vec<(Id, Id)>>>,
+    closed: Arc<Mutex<Vec<Id>>>,
+}
+
+impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Recorder {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+        if attrs.metadata().name() == "executor.stall" {
+            self.stalls.lock().unwrap().push(id.clone());
+        }
+    }
+    fn on_follows_from(&self, span: &Id, follows: &Id, _: Context<'_, S>) {
+        self.follows
+            .lock()
+            .unwrap()
+            .push((span.clone(), follows.clone()));
+    }
+    fn on_close(&self, id: Id, _: Context<'_, S>) {
+        self.closed.lock().unwrap().push(id);
+    }
+}
+
+#[test]
+fn the_stall_span_follows_from_the_culprits_span_and_closes_when_the_stall_ends() {
+    let recorder = Recorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    // Global: the watcher thread emits the span.
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let watch = Watch::new(Config::default().threshold(Duration::from_millis(20)));
+    let runtime = one_worker(&watch);
+    let request = tracing::info_span!("GET /slow");
+    let request_id = request.id().expect("a recorded span");
+    let tracker = watch.clone();
+    runtime.spawn(async move {
+        let _named = tracker.track_current(Arc::new(Culprit::new("GET /slow").with_span(&request)));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(request);
+    });
+    let stall = wait_for(|| recorder.stalls.lock().unwrap().first().cloned());
+    assert!(
+        recorder
+            .follows
+            .lock()
+            .unwrap()
+            .contains(&(stall.clone(), request_id)),
+        "the stall span should follow from the request's span"
+    );
+    // Open while the stall lasts, closed once it is filed.
+    assert!(watch.stalls(1).in_progress.len() == 1 || watch.stalls(1).total == 1);
+    wait_for(|| {
+        recorder
+            .closed
+            .lock()
+            .unwrap()
+            .contains(&stall)
+            .then_some(())
+    });
+    assert_eq!(watch.stalls(1).total, 1);
+}
