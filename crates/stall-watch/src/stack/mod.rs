@@ -1,0 +1,178 @@
+//! The held worker's stack, captured while it is held.
+//!
+//! The watcher thread knows *that* a worker is stuck in one poll; this module
+//! tells it *where*. It is the only module of the crate allowed `unsafe`:
+//! a signal handler, a process-wide table it reads, and raw copies of another
+//! frame's stack.
+//!
+//! How a capture goes (Linux x86_64 and aarch64):
+//!
+//! 1. The watcher calls [`Sampler::capture`]: it flips that worker's slot from
+//!    idle to *requested* and sends the worker thread a realtime signal with
+//!    `tgkill` ([`signal`]).
+//! 2. The handler runs on the worker, between two instructions of whatever it
+//!    was doing. It only does async-signal-safe work: it finds the slot by
+//!    `gettid` in a static table, copies the interrupted registers (pc, sp,
+//!    fp, and lr on aarch64) from the `ucontext` and the raw stack bytes from
+//!    sp upwards into a buffer allocated in advance, notes which poll it
+//!    interrupted, and marks the slot *done*. No allocation, no lock, no
+//!    unwinding: unwinders can take locks and allocate (backtrace-rs#742), and
+//!    pprof-rs was seen to deadlock doing it in a handler.
+//! 3. Back on the watcher, the copy is discarded unless it was taken during
+//!    the very poll the watcher asked about.
+//! 4. [`Sampler::symbolize`], off the worker, unwinds the copied bytes with
+//!    the DWARF call-frame information of each loaded module (`.eh_frame`,
+//!    via framehop: [`unwind`]) and names each return address with its
+//!    function, file and line (addr2line over the executable's DWARF,
+//!    inlined frames included: [`symbols`]), with a cache by address.
+//!
+//! Why copy and unwind later rather than walk frame pointers in the handler:
+//! std and glibc keep no frame pointer, so a frame-pointer walk from a thread
+//! in `std::thread::sleep` skips the caller of `sleep` — the very frame that
+//! names the culprit. DWARF unwinding gets it, and it needs no rebuild of std.
+//!
+//! Elsewhere the module is a stub: [`Sampler::new`] says
+//! [`StackError::Unsupported`], so the crate builds everywhere.
+
+#![allow(unsafe_code)]
+// The watcher does not call the sampler yet (the stall-watch integration is
+// the next step); until then only the tests use it.
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
+
+use std::fmt;
+
+use serde::Serialize;
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod signal;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod symbols;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod unwind;
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+pub(crate) use signal::Sampler;
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+mod stub;
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+pub(crate) use stub::Sampler;
+
+#[cfg(test)]
+mod tests;
+
+/// One frame of a captured stack, innermost first: the function, and where
+/// in its source the worker was (or, for callers, where the call is).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[allow(unreachable_pub)] // re-exported by the crate root once stalls carry stacks
+pub struct Frame {
+    /// The demangled function name without its hash, such as
+    /// `std::thread::sleep`; for a function without debug information, its
+    /// symbol (`clock_nanosleep`), or its address in hex if it has none.
+    pub function: String,
+    /// The source file, as recorded in the debug information (absolute, or
+    /// relative to where it was compiled); `None` without line tables.
+    pub file: Option<String>,
+    /// The line in `file`.
+    pub line: Option<u32>,
+    /// Whether this frame is the application's own code: it has a source
+    /// file, and that file is not part of Rust's standard library nor of a
+    /// dependency (cargo registry or git checkout), and it is not in a system
+    /// library such as libc. The first such frame is where to look.
+    pub user_code: bool,
+}
+
+/// The registers and stack bytes of one worker, copied by the signal handler
+/// during one poll. Unwound and named by [`Sampler::symbolize`].
+#[derive(Debug, Clone)]
+pub(crate) struct RawStack {
+    /// The worker it was taken from.
+    pub(crate) worker: usize,
+    /// The poll it interrupted (equal to the `expected_seq` it was asked for).
+    pub(crate) seq: u64,
+    /// The interrupted instruction.
+    pub(crate) pc: u64,
+    /// The interrupted stack pointer: `stack[0]` is the byte at this address.
+    pub(crate) sp: u64,
+    /// The interrupted frame pointer (rbp / x29).
+    pub(crate) fp: u64,
+    /// The link register (x30) on aarch64; 0 on x86_64.
+    pub(crate) lr: u64,
+    /// The stack from `sp` up to the top of the thread's stack, or up to the
+    /// sampler's `stack_bytes`, whichever is lower.
+    pub(crate) stack: Vec<u8>,
+    /// Whether the copy stopped at `stack_bytes` before the top of the
+    /// stack: the outermost frames may then be missing.
+    pub(crate) truncated: bool,
+    /// Time spent in the signal handler, in nanoseconds (CLOCK_MONOTONIC).
+    pub(crate) handler_ns: u64,
+}
+
+/// Why no stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StackError {
+    /// Not Linux on x86_64 or aarch64.
+    #[cfg_attr(target_os = "linux", allow(dead_code))] // made by the stub only
+    Unsupported,
+    /// No realtime signal was free for the handler, or `sigaction` failed
+    /// (the errno).
+    Install(i32),
+    /// The worker index is out of range, or its thread has not registered.
+    NotRegistered,
+    /// A capture of this worker is already in progress.
+    Busy,
+    /// `tgkill` failed (the errno): typically the thread has exited.
+    Signal(i32),
+    /// The handler did not run within the timeout (the thread blocks the
+    /// signal, or is not scheduled).
+    Timeout,
+    /// The handler ran during another poll than the one asked about: the
+    /// stalled poll had ended. The copy is discarded.
+    WrongPoll {
+        /// The poll asked about.
+        expected: u64,
+        /// The poll the handler interrupted.
+        found: u64,
+    },
+}
+
+impl fmt::Display for StackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unsupported => {
+                f.write_str("stack capture is supported on Linux x86_64 and aarch64 only")
+            }
+            Self::Install(errno) => {
+                write!(f, "cannot install the stack signal handler (errno {errno})")
+            }
+            Self::NotRegistered => f.write_str("that worker's thread has not registered"),
+            Self::Busy => f.write_str("a capture of that worker is already in progress"),
+            Self::Signal(errno) => write!(f, "cannot signal the worker thread (errno {errno})"),
+            Self::Timeout => f.write_str("the worker did not run the stack signal handler in time"),
+            Self::WrongPoll { expected, found } => write!(
+                f,
+                "the capture landed in poll {found}, not in the stalled poll {expected}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StackError {}

@@ -1,0 +1,201 @@
+//! From addresses to function, file and line, with a cache.
+//!
+//! addr2line reads each module's DWARF (the release profile keeps
+//! `debug = "line-tables-only"`, enough for function names, files, lines and
+//! inlined calls) and, for a module without debug information such as libc,
+//! falls back to its symbol table (`.symtab`, else `.dynsym`). A module's
+//! DWARF is opened the first time one of its addresses is looked up; each
+//! address's frames are then cached, so the second stall in the same code
+//! costs a hash lookup per frame.
+//!
+//! All of this runs on the watcher (or admin) thread, never in the signal
+//! handler: it allocates, and addr2line takes no care to be signal-safe.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use object::Object;
+
+use super::unwind::{LoadedModule, StackWalker, loaded_modules};
+use super::{Frame, RawStack};
+
+/// A module and its DWARF, opened on first use (`None` inside: unreadable).
+struct Module {
+    loaded: LoadedModule,
+    dwarf: Option<Option<addr2line::Loader>>,
+}
+
+/// The unwinder and the symbol cache of one sampler.
+pub(super) struct Symbolizer {
+    modules: Vec<Module>,
+    walker: StackWalker,
+    /// Address to look up → its frames (more than one when calls were
+    /// inlined there), innermost first.
+    by_address: HashMap<u64, Arc<[Frame]>>,
+}
+
+impl Symbolizer {
+    /// Lists the modules and reads their unwind tables: the expensive part,
+    /// done once.
+    pub(super) fn new() -> Self {
+        let loaded = loaded_modules();
+        let walker = StackWalker::new(&loaded);
+        Self {
+            modules: loaded
+                .into_iter()
+                .map(|loaded| Module {
+                    loaded,
+                    dwarf: None,
+                })
+                .collect(),
+            walker,
+            by_address: HashMap::new(),
+        }
+    }
+
+    /// The frames of `raw`, innermost first; see [`super::Sampler::symbolize`].
+    pub(super) fn symbolize(&mut self, raw: &RawStack) -> Vec<Frame> {
+        if !self.modules.iter().any(|m| m.loaded.contains(raw.pc)) {
+            // The worker was in code loaded since (dlopen): list again.
+            *self = Self::new();
+        }
+        let addresses = self.walker.walk(raw);
+        let mut frames = Vec::with_capacity(addresses.len() * 2);
+        for address in addresses {
+            let resolved = match self.by_address.get(&address) {
+                Some(cached) => cached.clone(),
+                None => {
+                    let resolved: Arc<[Frame]> = self.resolve(address).into();
+                    self.by_address.insert(address, resolved.clone());
+                    resolved
+                }
+            };
+            frames.extend(resolved.iter().cloned());
+        }
+        frames
+    }
+
+    /// Addresses with cached frames.
+    pub(super) fn cached(&self) -> usize {
+        self.by_address.len()
+    }
+
+    fn resolve(&mut self, address: u64) -> Vec<Frame> {
+        let unknown = || {
+            vec![Frame {
+                function: format!("{address:#x}"),
+                file: None,
+                line: None,
+                user_code: false,
+            }]
+        };
+        let Some(module) = self.modules.iter_mut().find(|m| m.loaded.contains(address)) else {
+            return unknown();
+        };
+        let probe = address.wrapping_sub(module.loaded.bias);
+        let system = module.loaded.system;
+        let dwarf = module.dwarf.get_or_insert_with(|| {
+            module
+                .loaded
+                .path
+                .as_ref()
+                .and_then(|path| addr2line::Loader::new(path).ok())
+        });
+        // Neither DWARF nor symbol: the module's file name and the offset,
+        // which `addr2line -e` or a debug-symbol package can resolve later.
+        let anonymous = |module: &Module| {
+            let name = module
+                .loaded
+                .path
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map_or_else(|| "[vdso]".to_owned(), |n| n.to_string_lossy().into_owned());
+            vec![Frame {
+                function: format!("{name}+{probe:#x}"),
+                file: None,
+                line: None,
+                user_code: false,
+            }]
+        };
+        let Some(dwarf) = dwarf else {
+            // The vDSO: no file, but its symbol table is in memory.
+            return module
+                .loaded
+                .image
+                .and_then(|image| {
+                    let object = object::File::parse(image).ok()?;
+                    let symbols = object.symbol_map();
+                    let symbol = symbols.containing(probe)?;
+                    Some(vec![Frame {
+                        function: symbol.name().to_owned(),
+                        file: None,
+                        line: None,
+                        user_code: false,
+                    }])
+                })
+                .unwrap_or_else(|| anonymous(module));
+        };
+        let mut frames = Vec::new();
+        if let Ok(mut iter) = dwarf.find_frames(probe) {
+            while let Ok(Some(frame)) = iter.next() {
+                let function = frame
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.demangle().ok())
+                    .map(Cow::into_owned);
+                let file = frame
+                    .location
+                    .as_ref()
+                    .and_then(|l| l.file)
+                    .map(str::to_owned);
+                let line = frame.location.as_ref().and_then(|l| l.line);
+                let Some(function) = function else {
+                    continue;
+                };
+                let user_code = !system && file.as_deref().is_some_and(is_user_file);
+                frames.push(Frame {
+                    function,
+                    file,
+                    line,
+                    user_code,
+                });
+            }
+        }
+        if frames.is_empty() {
+            // No DWARF for this address: the symbol table's name.
+            if let Some(symbol) = dwarf.find_symbol(probe) {
+                frames.push(Frame {
+                    function: addr2line::demangle_auto(Cow::Borrowed(symbol), None).into_owned(),
+                    file: None,
+                    line: None,
+                    user_code: false,
+                });
+            } else {
+                return anonymous(module);
+            }
+        }
+        frames
+    }
+}
+
+/// Whether a source file is the application's own: not Rust's standard
+/// library (`/rustc/<hash>/library/…` in the shipped std, `…/rustlib/src/…`
+/// with rust-src) and not a dependency from the cargo registry or a git
+/// checkout.
+pub(super) fn is_user_file(file: &str) -> bool {
+    const NOT_USER: &[&str] = &[
+        "/rustc/",
+        "/rustlib/src/",
+        "library/std/",
+        "library/core/",
+        "library/alloc/",
+        "library/panic_unwind/",
+        "library/proc_macro/",
+        "/.cargo/registry/",
+        "/.cargo/git/",
+        "/cargo/registry/",
+        "/cargo/git/",
+    ];
+    !NOT_USER.iter().any(|marker| file.contains(marker)) && !file.starts_with("library/")
+}
