@@ -343,11 +343,14 @@ impl Sampler {
         result
     }
 
-    /// Builds the unwinder and reads the modules' unwind tables now rather
-    /// than at the first [`Sampler::symbolize`]. Optional.
+    /// Does now, on the calling thread, what the first
+    /// [`Sampler::symbolize`] would otherwise do: list the modules, read
+    /// their unwind tables, open the executable's DWARF and index it.
+    /// Optional; call it from the watcher or admin thread at start so the
+    /// first stall is named as fast as the next ones.
     pub(crate) fn prepare(&self) {
         let mut symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());
-        symbolizer.get_or_insert_with(Symbolizer::new);
+        symbolizer.get_or_insert_with(Symbolizer::new).warm_up();
     }
 
     /// How many addresses have their frames cached.

@@ -20,6 +20,9 @@ use object::Object;
 use super::unwind::{LoadedModule, StackWalker, loaded_modules};
 use super::{Frame, RawStack};
 
+/// Addresses whose frames are kept; past this the cache starts over.
+const MAX_CACHED: usize = 65_536;
+
 /// A module and its DWARF, opened on first use (`None` inside: unreadable).
 struct Module {
     loaded: LoadedModule,
@@ -54,11 +57,35 @@ impl Symbolizer {
         }
     }
 
+    /// Opens the executable's DWARF and builds its address index by looking
+    /// up one of its own functions, so the first stall does not pay for it.
+    pub(super) fn warm_up(&mut self) {
+        let own = Self::warm_up as *const () as u64;
+        if !self.by_address.contains_key(&own) {
+            let frames = self.resolve(own).into();
+            self.by_address.insert(own, frames);
+        }
+    }
+
     /// The frames of `raw`, innermost first; see [`super::Sampler::symbolize`].
     pub(super) fn symbolize(&mut self, raw: &RawStack) -> Vec<Frame> {
         if !self.modules.iter().any(|m| m.loaded.contains(raw.pc)) {
-            // The worker was in code loaded since (dlopen): list again.
-            *self = Self::new();
+            // Code outside every known module: loaded since (dlopen), or
+            // generated at run time. Listing is cheap; reading unwind tables
+            // is not, so start over only if the list did change.
+            let now = loaded_modules();
+            let same = now.len() == self.modules.len()
+                && now
+                    .iter()
+                    .zip(&self.modules)
+                    .all(|(a, b)| a.bias == b.loaded.bias && a.path == b.loaded.path);
+            if !same {
+                *self = Self::new();
+            }
+        }
+        if self.by_address.len() > MAX_CACHED {
+            // Stalls in ever new code: forget rather than grow without bound.
+            self.by_address.clear();
         }
         let addresses = self.walker.walk(raw);
         let mut frames = Vec::with_capacity(addresses.len() * 2);

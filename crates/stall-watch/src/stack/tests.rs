@@ -434,6 +434,9 @@ fn costs() {
         raw.pc, raw.sp, raw.fp, raw.lr
     );
     let started = Instant::now();
+    sampler.prepare();
+    let prepare = started.elapsed();
+    let started = Instant::now();
     let frames = sampler.symbolize(&raw);
     let first = started.elapsed();
     let started = Instant::now();
@@ -452,6 +455,7 @@ fn costs() {
          \x20 time in handler: median {} ns, p99 {} ns, max {} ns ({} bytes of stack copied)\n\
          \x20 capture round trip: median {:?}, p99 {:?}, max {:?}\n\
          \x20 last capture: {registers}\n\
+         \x20 prepare (list modules, read unwind tables): {prepare:?}\n\
          \x20 symbolize {} frames: first {first:?}, cached {cached:?} ({addresses} addresses cached)\n\
          \x20 buffer per worker: {} bytes (stack_bytes {STACK_BYTES}); signal {}\n{}",
         handler_ns[pct(50)],
@@ -466,4 +470,26 @@ fn costs() {
         sampler.signal(),
         show(&frames),
     );
+}
+
+#[test]
+fn user_code_is_neither_std_nor_a_dependency() {
+    use super::symbols::is_user_file;
+    assert!(is_user_file("/app/src/scenarios/block_sleep.rs"));
+    assert!(is_user_file("src/main.rs"));
+    assert!(!is_user_file(
+        "/rustc/59807616e1fa2540724bfbac14d7976d7e4a3860/library/std/src/thread/functions.rs"
+    ));
+    assert!(!is_user_file(
+        "/home/me/.rustup/toolchains/stable/lib/rustlib/src/rust/library/core/src/hint.rs"
+    ));
+    assert!(!is_user_file(
+        "/home/me/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tokio-1.54.0/src/runtime/park.rs"
+    ));
+    assert!(!is_user_file(
+        "/usr/local/cargo/registry/src/index.crates.io-1949cf8c6b5b557f/axum-0.8.9/src/routing/mod.rs"
+    ));
+    assert!(!is_user_file(
+        "/home/me/.cargo/git/checkouts/tokio-1234/abcd/tokio/src/lib.rs"
+    ));
 }
