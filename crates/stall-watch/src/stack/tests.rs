@@ -493,3 +493,52 @@ fn user_code_is_neither_std_nor_a_dependency() {
         "/home/me/.cargo/git/checkouts/tokio-1234/abcd/tokio/src/lib.rs"
     ));
 }
+
+/// What the watcher will do: tokio's poll hooks register the worker thread
+/// and count polls; a task blocks its worker in `sleeping_culprit`.
+#[test]
+fn a_task_blocking_a_tokio_worker_is_captured() {
+    use std::cell::Cell;
+    thread_local! {
+        static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    }
+    let seq = Arc::new(AtomicU64::new(0));
+    let sampler = sampler(&seq);
+    let (hook_seq, hook_sampler) = (seq.clone(), sampler.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_before_task_poll(move |_| {
+            if tokio::runtime::worker_index() != Some(0) {
+                return;
+            }
+            if !REGISTERED.get() {
+                hook_sampler.register_current_thread(0);
+                REGISTERED.set(true);
+            }
+            hook_seq.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .expect("runtime");
+    let stalling = Arc::new(AtomicBool::new(false));
+    let task_stalling = stalling.clone();
+    let task =
+        runtime.spawn(async move { sleeping_culprit(&task_stalling, Duration::from_millis(300)) });
+    while !stalling.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(30));
+    let raw = sampler.capture(0, seq.load(Ordering::SeqCst), TIMEOUT);
+    let slept = runtime.block_on(task).expect("task");
+
+    assert!(slept >= Duration::from_millis(300), "slept only {slept:?}");
+    let raw = raw.expect("capture");
+    let frames = sampler.symbolize(&raw);
+    println!(
+        "tokio worker: {} bytes of stack from sp to the thread's top (copy truncated: {}), {} frames:\n{}",
+        raw.stack.len(),
+        raw.truncated,
+        frames.len(),
+        show(&frames)
+    );
+    assert_culprit(&frames, "sleeping_culprit");
+}
