@@ -153,6 +153,9 @@ pub(crate) struct Sampler {
     /// Built on first use (reading every module's unwind tables takes a
     /// while), then reused: the unwinder, its cache and the symbol cache.
     symbolizer: Mutex<Option<Symbolizer>>,
+    /// Serializes registrations (rare: once per worker thread), so two
+    /// threads registering one worker cannot both keep an entry.
+    registering: Mutex<()>,
 }
 
 impl Sampler {
@@ -188,6 +191,7 @@ impl Sampler {
             stack_bytes,
             slots,
             symbolizer: Mutex::new(None),
+            registering: Mutex::new(()),
         })
     }
 
@@ -215,6 +219,7 @@ impl Sampler {
         let Some((lo, hi)) = current_stack_bounds() else {
             return;
         };
+        let _registering = self.registering.lock().unwrap_or_else(|e| e.into_inner());
         // This thread's previous entry for this slot, if any: its fields are
         // only ever written by this thread, so updating them in place is safe
         // from a handler (which runs on this thread, not concurrently).
@@ -375,12 +380,14 @@ impl Sampler {
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        // No capture is in progress (`capture` borrows the sampler). Take the
-        // slots out of the table; `release_entry` waits for any handler still
-        // inside an entry, so none touches the slots once they are freed.
-        for slot in self.slots.iter() {
-            let index = slot.entry.load(Ordering::Acquire);
-            if index != NO_ENTRY {
+        // No capture is in progress (`capture` borrows the sampler). Take
+        // every entry that points into our slots out of the table;
+        // `release_entry` waits for any handler still inside an entry, so none
+        // touches the slots once they are freed.
+        let ours = self.slots.as_ptr_range();
+        for (index, entry) in TABLE.iter().enumerate() {
+            let slot = entry.slot.load(Ordering::Acquire).cast_const();
+            if ours.contains(&slot) {
                 release_entry(index);
             }
         }
