@@ -254,6 +254,18 @@ impl Sampler {
         }
     }
 
+    /// The kernel thread id registered for `worker`, if any: one relaxed
+    /// atomic load, cheap enough for a poll hook. A hook that caches its own
+    /// thread id can compare the two and call
+    /// [`Sampler::register_current_thread`] when they differ, which is how a
+    /// worker that moved threads (`block_in_place` hands the worker to a new
+    /// thread, and the old one may take it back) stays signalled on the
+    /// right one.
+    pub(crate) fn registered_tid(&self, worker: usize) -> Option<i32> {
+        let tid = self.slots.get(worker)?.tid.load(Ordering::Relaxed);
+        (tid != 0).then_some(tid)
+    }
+
     /// Signals `worker`'s thread, waits up to `timeout` for the handler, and
     /// returns the copy only if the handler interrupted poll `expected_seq`
     /// (the same sequence number before and after the copy); otherwise

@@ -32,6 +32,11 @@ impl Sampler {
     /// Does nothing.
     pub(crate) fn register_current_thread(&self, _worker: usize) {}
 
+    /// None.
+    pub(crate) fn registered_tid(&self, _worker: usize) -> Option<i32> {
+        None
+    }
+
     /// Always [`StackError::Unsupported`].
     pub(crate) fn capture(
         &self,

@@ -559,3 +559,64 @@ fn a_task_blocking_a_tokio_worker_is_captured() {
     );
     assert_culprit(&frames, "sleeping_culprit");
 }
+
+/// `block_in_place` hands a worker to another thread, and the first thread
+/// may take it back: the last thread registered is the one captured.
+#[test]
+fn a_worker_that_moves_threads_is_captured_on_the_last_one_registered() {
+    let seq = Arc::new(AtomicU64::new(2));
+    let sampler = sampler(&seq);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (go_back, back) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (first_stop, first_go_back, first_back) = (stop.clone(), go_back.clone(), back.clone());
+    let first_sampler = sampler.clone();
+    let first = spawn_worker(&sampler, move |stalling| {
+        stalling.store(true, Ordering::SeqCst);
+        while !first_go_back.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        first_sampler.register_current_thread(0);
+        first_back.store(true, Ordering::SeqCst);
+        spinning_culprit(&AtomicBool::new(false), &first_stop)
+    });
+    let first_tid = sampler.registered_tid(0);
+    let second_sampler = sampler.clone();
+    let second_stop = stop.clone();
+    let second = thread::spawn(move || {
+        second_sampler.register_current_thread(0);
+        let mut n = 0u64;
+        while !second_stop.load(Ordering::Relaxed) {
+            n = black_box(n + 1);
+        }
+        n
+    });
+    while sampler.registered_tid(0) == first_tid {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let on_second = sampler
+        .capture(0, 2, TIMEOUT)
+        .expect("capture on the second thread");
+    go_back.store(true, Ordering::SeqCst);
+    while !back.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(30));
+    let on_first = sampler
+        .capture(0, 2, TIMEOUT)
+        .expect("capture on the first thread again");
+    stop.store(true, Ordering::SeqCst);
+    first.join().expect("first");
+    second.join().expect("second");
+
+    assert_eq!(sampler.registered_tid(0), first_tid);
+    let frames = sampler.symbolize(&on_second);
+    assert!(
+        find(&frames, "spinning_culprit").is_none(),
+        "{}",
+        show(&frames)
+    );
+    assert_culprit(&sampler.symbolize(&on_first), "spinning_culprit");
+}
