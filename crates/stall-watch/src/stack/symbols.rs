@@ -177,7 +177,7 @@ impl Symbolizer {
                     .and_then(|l| l.file)
                     .map(str::to_owned);
                 let line = frame.location.as_ref().and_then(|l| l.line);
-                let Some(function) = function else {
+                let Some(function) = function.map(without_generic_arguments) else {
                     continue;
                 };
                 let user_code = !system && file.as_deref().is_some_and(is_user_file);
@@ -204,6 +204,35 @@ impl Symbolizer {
         }
         frames
     }
+}
+
+/// `poll<F, S>` → `poll`: with `line-tables-only` debug information (the
+/// release profile), an inlined function is named by its last path segment
+/// with its generic arguments spelled out in full, often hundreds of
+/// characters of future types. The file and line say where it is; the
+/// arguments are dropped. Qualified paths (`<T as Trait>::f`,
+/// `LocalKey<T>::with`) are left alone.
+pub(super) fn without_generic_arguments(mut name: String) -> String {
+    if name.starts_with('<') || !name.ends_with('>') {
+        return name;
+    }
+    let mut depth = 0usize;
+    for (at, c) in name.char_indices().rev() {
+        match c {
+            '>' => depth += 1,
+            '<' => {
+                depth -= 1;
+                if depth == 0 {
+                    if at > 0 {
+                        name.truncate(at);
+                    }
+                    return name;
+                }
+            }
+            _ => {}
+        }
+    }
+    name
 }
 
 /// Whether a source file is the application's own: not Rust's standard

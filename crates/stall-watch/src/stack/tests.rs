@@ -490,6 +490,27 @@ fn costs() {
 }
 
 #[test]
+fn inlined_names_lose_their_generic_arguments_only() {
+    use super::symbols::without_generic_arguments as short;
+    let short = |name: &str| short(name.to_owned());
+    assert_eq!(
+        short("poll<tokio::Stage<{async_block_env#1}>, alloc::sync::Arc<H>>"),
+        "poll"
+    );
+    assert_eq!(short("{closure#0}<F, S>"), "{closure#0}");
+    assert_eq!(
+        short("std::thread::local::LocalKey<T>::with"),
+        "std::thread::local::LocalKey<T>::with"
+    );
+    assert_eq!(
+        short("<core::panic::AssertUnwindSafe<F> as FnOnce<()>>::call_once"),
+        "<core::panic::AssertUnwindSafe<F> as FnOnce<()>>::call_once"
+    );
+    assert_eq!(short("sleeping_culprit"), "sleeping_culprit");
+    assert_eq!(short("<>"), "<>");
+}
+
+#[test]
 fn user_code_is_neither_std_nor_a_dependency() {
     use super::symbols::is_user_file;
     assert!(is_user_file("/app/src/scenarios/block_sleep.rs"));
