@@ -31,6 +31,30 @@
 //! in `std::thread::sleep` skips the caller of `sleep` — the very frame that
 //! names the culprit. DWARF unwinding gets it, and it needs no rebuild of std.
 //!
+//! # Wiring it to the watcher
+//!
+//! - One [`Sampler`] per monitor: `Sampler::new(workers, 64 * 1024,
+//!   poll_seq)`. 64 KiB of stack per worker is ample: a tokio worker blocked
+//!   in a task measured 6.4 KiB from its stack pointer to its thread's top in
+//!   a release build, 12.6 KiB in a debug build.
+//! - `poll_seq(worker)` must change when the poll *ends*, not only when the
+//!   next one starts, or a capture landing between two polls passes for the
+//!   stalled one. With the worker slots' `poll_seq` and `poll_started`:
+//!   `if poll_started == 0 { u64::MAX } else { poll_seq }` (two atomic
+//!   loads; the handler runs on the worker itself, so it sees the hooks'
+//!   stores in program order).
+//! - In the before-poll hook: `if sampler.registered_tid(worker) !=
+//!   Some(this_thread_tid) { sampler.register_current_thread(worker) }`, with
+//!   the thread's id cached in a thread-local. That registers each worker
+//!   thread once, and again whenever `block_in_place` moved the worker.
+//! - On the watcher, for a poll `seq` past the threshold:
+//!   `capture(worker, seq, timeout)`. [`StackError::Timeout`] (the worker
+//!   was not scheduled in time) and [`StackError::WrongPoll`] (the poll
+//!   ended) mean "nothing to attach"; try again at the next tick if the stall
+//!   goes on. Then [`Sampler::symbolize`], on the watcher or the admin
+//!   thread; [`Sampler::prepare`] at start moves the one-off cost of reading
+//!   unwind tables and indexing DWARF off the first stall.
+//!
 //! Elsewhere the module is a stub: [`Sampler::new`] says
 //! [`StackError::Unsupported`], so the crate builds everywhere.
 
