@@ -641,3 +641,45 @@ fn a_worker_that_moves_threads_is_captured_on_the_last_one_registered() {
     );
     assert_culprit(&sampler.symbolize(&on_first), "spinning_culprit");
 }
+
+#[inline(never)]
+fn clock_reading_culprit(stalling: &AtomicBool, stop: &AtomicBool) -> Duration {
+    stalling.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut last = started;
+    while !stop.load(Ordering::Relaxed) {
+        last = black_box(Instant::now());
+    }
+    last - started
+}
+
+/// A loop on `Instant::now()` spends most of its time in the vDSO, which has
+/// no file: its unwind tables are read from memory.
+#[test]
+fn a_loop_reading_the_clock_unwinds_through_the_vdso() {
+    let seq = Arc::new(AtomicU64::new(1));
+    let sampler = sampler(&seq);
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker_stop = stop.clone();
+    let worker = spawn_worker(&sampler, move |stalling| {
+        clock_reading_culprit(stalling, &worker_stop)
+    });
+    let captures: Vec<_> = (0..50)
+        .map(|_| sampler.capture(0, 1, TIMEOUT).expect("capture"))
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    worker.join().expect("worker");
+
+    let mut in_vdso = 0;
+    for raw in &captures {
+        let frames = sampler.symbolize(raw);
+        assert_culprit(&frames, "clock_reading_culprit");
+        if frames.iter().any(|f| f.function.contains("vdso")) {
+            in_vdso += 1;
+        }
+    }
+    println!(
+        "clock loop: {in_vdso} of 50 captures were in the vDSO; the last:\n{}",
+        show(&sampler.symbolize(&captures[49]))
+    );
+}
