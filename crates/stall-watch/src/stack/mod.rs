@@ -60,8 +60,15 @@
 
 #![allow(unsafe_code)]
 // The watcher does not call the sampler yet (the stall-watch integration is
-// the next step); until then only the tests use it.
-#![cfg_attr(not(test), allow(dead_code, unused_imports))]
+// the next step); until then only the Linux tests use it.
+#![cfg_attr(
+    not(all(
+        test,
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    allow(dead_code, unused_imports)
+)]
 
 use std::fmt;
 
@@ -100,7 +107,11 @@ mod stub;
 )))]
 pub(crate) use stub::Sampler;
 
-#[cfg(test)]
+#[cfg(all(
+    test,
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod tests;
 
 /// One frame of a captured stack, innermost first: the function, and where

@@ -60,3 +60,16 @@ impl Sampler {
         Vec::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Sampler, StackError};
+
+    #[test]
+    fn a_sampler_says_unsupported() {
+        let sampler = Sampler::new(1, 4096, Arc::new(|_| 0));
+        assert_eq!(sampler.err(), Some(StackError::Unsupported));
+    }
+}
