@@ -132,14 +132,8 @@ impl Symbolizer {
         // Neither DWARF nor symbol: the module's file name and the offset,
         // which `addr2line -e` or a debug-symbol package can resolve later.
         let anonymous = |module: &Module| {
-            let name = module
-                .loaded
-                .path
-                .as_ref()
-                .and_then(|p| p.file_name())
-                .map_or_else(|| "[vdso]".to_owned(), |n| n.to_string_lossy().into_owned());
             vec![Frame {
-                function: format!("{name}+{probe:#x}"),
+                function: format!("{}+{probe:#x}", module.loaded.name),
                 file: None,
                 line: None,
                 user_code: false,

@@ -27,6 +27,8 @@ const MAX_FRAMES: usize = 256;
 pub(super) struct LoadedModule {
     /// Its file; `None` for the vDSO.
     pub(super) path: Option<PathBuf>,
+    /// Its file name, for frames without a symbol: `libc.so.6`, `[vdso]`.
+    pub(super) name: String,
     /// Load bias: address in the process = address in the file + bias.
     pub(super) bias: u64,
     /// Executable ranges, in process addresses.
@@ -100,8 +102,18 @@ pub(super) fn loaded_modules() -> Vec<LoadedModule> {
                 .iter()
                 .any(|prefix| name.starts_with(prefix))
                 || path.is_none();
+            let short = match &path {
+                // `/proc/self/exe` reads the running executable even if its
+                // file was replaced since; its real name is for display.
+                Some(p) if name.is_empty() => std::fs::read_link(p).ok(),
+                Some(p) => Some(p.clone()),
+                None => None,
+            }
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "[vdso]".to_owned());
             modules.push(LoadedModule {
                 path,
+                name: short,
                 bias,
                 text,
                 image,
@@ -230,9 +242,10 @@ fn framehop_module_from<'data, R: object::ReadRef<'data>>(
     };
     let start = module.text.iter().map(|r| r.start).min()?;
     let end = module.text.iter().map(|r| r.end).max()?;
-    let name = module
-        .path
-        .as_ref()
-        .map_or_else(|| "[vdso]".to_owned(), |p| p.display().to_string());
-    Some(framehop::Module::new(name, start..end, module.bias, info))
+    Some(framehop::Module::new(
+        module.name.clone(),
+        start..end,
+        module.bias,
+        info,
+    ))
 }
