@@ -512,7 +512,7 @@ unsafe fn serve(
     }
     let seq_before = (slot.poll_seq)(slot.worker);
     // SAFETY: the kernel's ucontext is valid for the handler's duration.
-    let (pc, sp, fp, lr) = unsafe { registers(&*context) };
+    let (pc, sp, fp, lr) = registers(unsafe { &*context });
     let lo = entry.stack_lo.load(Ordering::Relaxed);
     let hi = entry.stack_hi.load(Ordering::Relaxed);
     // SAFETY: in WRITING, this handler is the only one accessing `buf` and
@@ -527,6 +527,9 @@ unsafe fn serve(
         // belongs to live frames or the thread's start). The thread is
         // stopped in this handler, so nothing writes those bytes meanwhile.
         // `buf` holds at least `len` bytes and does not overlap the stack.
+        // Some of those bytes are padding or dead slots of the interrupted
+        // frames: they are only ever read back as plain integers (return
+        // addresses and saved frame pointers) by the unwinder.
         unsafe { ptr::copy_nonoverlapping(sp_addr as *const u8, buf.as_mut_ptr(), len) };
         (len, len < available)
     } else {
@@ -552,13 +555,10 @@ unsafe fn serve(
     slot.state.store(DONE, Ordering::Release);
 }
 
-/// pc, sp, fp, lr of the interrupted code.
-///
-/// # Safety
-///
-/// `context` must be the `ucontext_t` passed to an `SA_SIGINFO` handler.
+/// pc, sp, fp, lr of the interrupted code, from the `ucontext_t` the kernel
+/// passes to an `SA_SIGINFO` handler.
 #[cfg(target_arch = "x86_64")]
-unsafe fn registers(context: &libc::ucontext_t) -> (u64, u64, u64, u64) {
+fn registers(context: &libc::ucontext_t) -> (u64, u64, u64, u64) {
     let gregs = &context.uc_mcontext.gregs;
     (
         gregs[libc::REG_RIP as usize] as u64,
@@ -568,13 +568,10 @@ unsafe fn registers(context: &libc::ucontext_t) -> (u64, u64, u64, u64) {
     )
 }
 
-/// pc, sp, fp, lr of the interrupted code.
-///
-/// # Safety
-///
-/// `context` must be the `ucontext_t` passed to an `SA_SIGINFO` handler.
+/// pc, sp, fp, lr of the interrupted code, from the `ucontext_t` the kernel
+/// passes to an `SA_SIGINFO` handler.
 #[cfg(target_arch = "aarch64")]
-unsafe fn registers(context: &libc::ucontext_t) -> (u64, u64, u64, u64) {
+fn registers(context: &libc::ucontext_t) -> (u64, u64, u64, u64) {
     let mcontext = &context.uc_mcontext;
     (
         mcontext.pc,
