@@ -336,6 +336,27 @@ fn stress_two_thousand_captures_of_an_allocating_worker() {
         n / 2
     });
 
+    // The other worker: allocation-heavy too, never signalled, sharing the
+    // allocator with the captured one.
+    let other_stop = stop.clone();
+    let other = thread::spawn(move || {
+        let mut sink = Vec::new();
+        let mut rounds = 0u64;
+        while !other_stop.load(Ordering::Relaxed) {
+            sink.push(vec![rounds; (rounds % 512) as usize]);
+            if sink.len() > 1024 {
+                sink.clear();
+            }
+            rounds += 1;
+            if rounds.is_multiple_of(256) {
+                // Busy, but on two shared cores leave the captured worker
+                // some turns, or the test measures the scheduler.
+                thread::sleep(Duration::from_micros(200));
+            }
+        }
+        rounds
+    });
+
     let (mut taken, mut wrong_poll, mut symbolized) = (0, 0, 0);
     let started = Instant::now();
     for i in 0..CAPTURES {
@@ -375,6 +396,7 @@ fn stress_two_thousand_captures_of_an_allocating_worker() {
     let elapsed = started.elapsed();
     stop.store(true, Ordering::SeqCst);
     let polls = worker.join().expect("worker");
+    other.join().expect("other worker");
     println!(
         "stress: {CAPTURES} captures in {elapsed:?}: {taken} taken (marker checked), \
          {wrong_poll} discarded as a later poll, {symbolized} symbolized; worker ran {polls} polls"
