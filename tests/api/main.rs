@@ -12,5 +12,6 @@ mod lessons;
 mod otlp_support;
 mod scenarios;
 mod shutdown;
+mod stacks;
 mod stalls;
 mod telemetry;

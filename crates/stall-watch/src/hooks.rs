@@ -29,11 +29,20 @@ pub(crate) struct LongPoll {
     pub(crate) clock_end: Option<cpu::SchedClock>,
 }
 
+/// What a thread last registered as: for which monitor (its id; 0 for none
+/// yet) and under which kernel thread id.
+#[derive(Clone, Copy)]
+struct Registration {
+    monitor: usize,
+    tid: u64,
+}
+
 thread_local! {
-    /// The monitor this thread has introduced itself to (its id), 0 for
-    /// none yet. An id, not a flag: a thread may poll for one runtime, then
+    /// A monitor id, not a flag: a thread may poll for one runtime, then
     /// another (a `current_thread` runtime runs on its caller's thread).
-    static REGISTERED_WITH: Cell<usize> = const { Cell::new(0) };
+    static REGISTERED: Cell<Registration> = const {
+        Cell::new(Registration { monitor: 0, tid: 0 })
+    };
 }
 
 /// Installs the hooks on `builder`; long polls are sent to `long_polls`.
@@ -41,7 +50,7 @@ pub(crate) fn install(
     builder: &mut tokio::runtime::Builder,
     monitor: Arc<Monitor>,
     long_polls: Sender<LongPoll>,
-    on_first_poll: Arc<dyn Fn(usize) + Send + Sync>,
+    on_register: Arc<dyn Fn(usize) + Send + Sync>,
 ) {
     let before = monitor.clone();
     builder.on_before_task_poll(move |meta| {
@@ -51,15 +60,21 @@ pub(crate) fn install(
         let Some(slot) = before.slots.get(worker) else {
             return;
         };
-        if REGISTERED_WITH.get() != before.id {
-            // Once per worker thread: the runtime, its thread id and a first
-            // clock sample.
-            REGISTERED_WITH.set(before.id);
+        let registered = REGISTERED.get();
+        if registered.monitor != before.id || slot.tid.load(Ordering::Relaxed) != registered.tid {
+            // Once per worker thread, and again if another thread took this
+            // worker over (`block_in_place`) and this one took it back: the
+            // runtime, the thread's id and a first clock sample.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 before.set_runtime(handle);
             }
-            on_first_poll(worker);
-            if let Some(tid) = cpu::current_tid() {
+            on_register(worker);
+            let tid = cpu::current_tid().unwrap_or(0);
+            REGISTERED.set(Registration {
+                monitor: before.id,
+                tid,
+            });
+            if tid != 0 {
                 if let Some(clock) = cpu::thread_clock(tid) {
                     slot.first_on_cpu.store(clock.on_cpu_ns, Ordering::Relaxed);
                     slot.first_waiting

@@ -71,7 +71,7 @@ mod layer;
 pub use config::Config;
 pub use culprit::{Culprit, task_id};
 pub use lag::LagView;
-pub use monitor::{ActiveStall, StallRecord, Stalls, WAKE_TASK_NAME, WorkerView};
+pub use monitor::{ActiveStall, CaptureStats, StallRecord, Stalls, WAKE_TASK_NAME, WorkerView};
 pub use place::Place;
 pub use stack::Frame;
 pub use watch::{Tracked, Watch};

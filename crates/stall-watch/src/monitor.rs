@@ -125,6 +125,34 @@ pub struct Stalls {
     /// `"on"`, `"off"` or `"unsupported"` (stack capture needs Linux on
     /// x86_64 or aarch64).
     pub stacks: &'static str,
+    /// What stack capture has cost so far (`None` unless stacks are on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack_capture: Option<CaptureStats>,
+}
+
+/// What capturing stacks has cost so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureStats {
+    /// The signal the capture handler is installed on.
+    pub signal: i32,
+    /// Memory set aside per worker: the stack copy and the registers.
+    pub buffer_bytes_per_worker: usize,
+    /// Captures taken (and attached to their stall).
+    pub captures: u64,
+    /// Time spent in the signal handler on the held worker: mean and max.
+    pub handler_ns_mean: u64,
+    /// The longest time in the handler.
+    pub handler_ns_max: u64,
+    /// Round trip of a capture as the watcher sees it (signal sent to copy
+    /// ready), the last one.
+    pub round_trip_us_last: u64,
+    /// Unwinding and naming the frames of the first capture (reading the
+    /// unwind tables and debug info, unless prepared in advance).
+    pub symbolize_us_first: u64,
+    /// The same for the last capture (cached addresses make it cheap).
+    pub symbolize_us_last: u64,
+    /// Return addresses whose frames are cached.
+    pub cached_addresses: usize,
 }
 
 /// Task name of the empty task that wakes an idle worker at a stall.
@@ -166,6 +194,8 @@ pub(crate) struct Monitor {
     /// The latest stack captured on each held worker, with the poll sequence
     /// number it belongs to (set by the watcher during a stall).
     live_stacks: Mutex<HashMap<usize, (u64, Vec<crate::Frame>)>>,
+    /// Capture costs, updated by the watcher.
+    capture_stats: Mutex<Option<CaptureStats>>,
 }
 
 impl Monitor {
@@ -197,6 +227,7 @@ impl Monitor {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stacks: OnceLock::new(),
             live_stacks: Mutex::new(HashMap::new()),
+            capture_stats: Mutex::new(None),
         }
     }
 
@@ -417,6 +448,12 @@ impl Monitor {
         let _ = self.stacks.set(stacks);
     }
 
+    /// Updates the capture costs (the watcher, after each capture).
+    pub(crate) fn with_capture_stats(&self, update: impl FnOnce(&mut CaptureStats)) {
+        let mut stats = self.capture_stats.lock().expect("capture stats lock");
+        update(stats.get_or_insert_with(CaptureStats::default));
+    }
+
     /// Keeps `stack`, captured during poll `seq` on `worker`, as that
     /// stall's live stack.
     pub(crate) fn set_live_stack(&self, worker: usize, seq: u64, stack: Vec<crate::Frame>) {
@@ -456,6 +493,11 @@ impl Monitor {
             total: self.total_stalls(),
             wake_idle_worker: self.wakes_idle_workers(),
             stacks: self.stacks.get().copied().unwrap_or("off"),
+            stack_capture: self
+                .capture_stats
+                .lock()
+                .expect("capture stats lock")
+                .clone(),
         }
     }
 }

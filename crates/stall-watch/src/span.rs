@@ -50,6 +50,7 @@ pub(crate) fn close(span: &tracing::Span, record: &StallRecord) {
     if let Some(on_cpu) = record.on_cpu_ms {
         span.record("on_cpu_ms", on_cpu);
     }
+    // The top frame in the service's own code: where to look.
     if let Some(top) = record.stack.iter().find(|f| f.user_code) {
         span.record("code.function.name", top.function.as_str());
         if let Some(file) = &top.file {

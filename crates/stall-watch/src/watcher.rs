@@ -21,7 +21,7 @@ use crate::cpu;
 use crate::hooks::LongPoll;
 use crate::monitor::{Monitor, StallRecord};
 use crate::span::TARGET;
-use crate::stack::Sampler;
+use crate::stack::{Sampler, StackError};
 
 /// How often the watcher looks. Detection latency is at most this past the
 /// threshold; the cost is a few atomic loads and one small /proc read per
@@ -38,8 +38,15 @@ pub(crate) const RECAPTURE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many captures per stall.
 pub(crate) const MAX_CAPTURES: u32 = 4;
 
-/// How long the watcher waits for the held worker's signal handler.
-const CAPTURE_TIMEOUT: Duration = Duration::from_millis(50);
+/// At most this many capture attempts per stall: a worker that was not
+/// scheduled in time is tried again at the next tick, within reason (each
+/// attempt queues a signal).
+const MAX_ATTEMPTS: u32 = 12;
+
+/// How long the watcher waits for the held worker's signal handler. The
+/// round trip is microseconds on an idle machine; on a loaded one it is
+/// waiting for the worker to be scheduled.
+const CAPTURE_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// A clock sample of one worker: (monitor ns, its scheduler clocks).
 type Sample = (u64, cpu::SchedClock);
@@ -53,8 +60,10 @@ struct Watched {
     announced: Option<u64>,
     /// Its `executor.stall` span, open until the stall ends.
     span: Option<tracing::Span>,
-    /// Stack captures taken of it so far, and when the last one was.
+    /// Stack captures taken of it so far, attempts made, and when the last
+    /// capture was taken.
     captures: u32,
+    attempts: u32,
     last_capture: Option<Instant>,
 }
 
@@ -149,6 +158,7 @@ fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
             if w.announced != Some(seq) {
                 w.announced = Some(seq);
                 w.captures = 0;
+                w.attempts = 0;
                 w.last_capture = None;
                 monitor.wake_an_idle_worker();
                 let culprit = monitor.culprits.get(task);
@@ -173,19 +183,68 @@ fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
             }
             if let Some(sampler) = sampler
                 && w.captures < MAX_CAPTURES
+                && w.attempts < MAX_ATTEMPTS
                 && w.last_capture
                     .is_none_or(|at| at.elapsed() >= RECAPTURE_EVERY)
             {
-                w.captures += 1;
-                w.last_capture = Some(Instant::now());
+                w.attempts += 1;
                 // Captured during poll `seq` or not at all: a capture that
-                // lands in another poll is discarded by the sampler.
-                if let Ok(raw) = sampler.capture(worker, seq, CAPTURE_TIMEOUT) {
-                    monitor.set_live_stack(worker, seq, sampler.symbolize(&raw));
+                // lands after that poll ended is discarded by the sampler.
+                let sent = Instant::now();
+                match sampler.capture(worker, seq, CAPTURE_TIMEOUT) {
+                    Ok(raw) => {
+                        let round_trip = sent.elapsed();
+                        w.captures += 1;
+                        w.last_capture = Some(Instant::now());
+                        debug_assert_eq!((raw.worker, raw.seq), (worker, seq));
+                        let started = Instant::now();
+                        let mut frames = sampler.symbolize(&raw);
+                        let symbolize = started.elapsed();
+                        if raw.truncated {
+                            frames.push(crate::Frame {
+                                function: "… (outer frames beyond the copied 64 KiB)".into(),
+                                file: None,
+                                line: None,
+                                user_code: false,
+                            });
+                        }
+                        monitor.set_live_stack(worker, seq, frames);
+                        record_costs(monitor, sampler, &raw, round_trip, symbolize);
+                    }
+                    // The stall is over; the hook has reported it.
+                    Err(StackError::WrongPoll { .. }) => w.attempts = MAX_ATTEMPTS,
+                    // Not scheduled in time, or busy: the next tick tries again.
+                    Err(_) => {}
                 }
             }
         }
     }
+}
+
+/// Adds one capture's costs to the monitor's figures.
+fn record_costs(
+    monitor: &Monitor,
+    sampler: &Sampler,
+    raw: &crate::stack::RawStack,
+    round_trip: Duration,
+    symbolize: Duration,
+) {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let cached = sampler.cached_addresses();
+    monitor.with_capture_stats(|stats| {
+        stats.signal = sampler.signal();
+        stats.buffer_bytes_per_worker = sampler.buffer_bytes_per_worker();
+        let total = stats.handler_ns_mean * stats.captures + raw.handler_ns;
+        stats.captures += 1;
+        stats.handler_ns_mean = total / stats.captures;
+        stats.handler_ns_max = stats.handler_ns_max.max(raw.handler_ns);
+        stats.round_trip_us_last = micros(round_trip);
+        if stats.captures == 1 {
+            stats.symbolize_us_first = micros(symbolize);
+        }
+        stats.symbolize_us_last = micros(symbolize);
+        stats.cached_addresses = cached;
+    });
 }
 
 fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
@@ -223,8 +282,8 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         .culprit
         .as_ref()
         .map_or("an unnamed task", |c| &*c.route);
-    let place = crate::stack::top_user_frame(&record.stack)
-        .map(|f| format!(" {f}"))
+    let place = crate::stack::where_held(&record.stack)
+        .map(|at| format!(" {at}"))
         .unwrap_or_default();
     tracing::warn!(
         target: TARGET,

@@ -122,9 +122,9 @@ fn runtime_document(state: &AdminState) -> Value {
     document
 }
 
-/// The `/debug/stalls` document.
-fn stalls_document(state: &AdminState) -> Value {
-    let mut document = serde_json::to_value(state.watch.stalls(RECENT_STALLS)).unwrap_or_default();
+/// The `/debug/stalls` document with the `recent` most recent stalls.
+fn stalls_document(state: &AdminState, recent: usize) -> Value {
+    let mut document = serde_json::to_value(state.watch.stalls(recent)).unwrap_or_default();
     document["watch"] = json!(state.watch.is_installed());
     document
 }
@@ -133,8 +133,19 @@ pub(super) async fn runtime(State(state): State<AdminState>) -> Response {
     no_store(Json(runtime_document(&state)))
 }
 
-pub(super) async fn stalls(State(state): State<AdminState>) -> Response {
-    no_store(Json(stalls_document(&state)))
+/// `/debug/stalls?recent=N`: how many finished stalls to list (default
+/// [`RECENT_STALLS`]; the history keeps at most `Config::history`).
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct StallsQuery {
+    recent: Option<usize>,
+}
+
+pub(super) async fn stalls(
+    State(state): State<AdminState>,
+    axum::extract::Query(query): axum::extract::Query<StallsQuery>,
+) -> Response {
+    let recent = query.recent.unwrap_or(RECENT_STALLS);
+    no_store(Json(stalls_document(&state, recent)))
 }
 
 /// Server-sent events: one `snapshot` event every [`EVENTS_INTERVAL`].
@@ -168,7 +179,7 @@ fn snapshot(state: &AdminState) -> Value {
     json!({
         "now_ms": now_ms,
         "runtime": runtime_document(state),
-        "stalls": stalls_document(state),
+        "stalls": stalls_document(state, RECENT_STALLS),
         "lag": state.watch.lag(),
     })
 }
