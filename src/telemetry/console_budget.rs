@@ -70,7 +70,7 @@ fn is_resource_span(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.name().starts_with("runtime.resource")
 }
 
-/// The budget and its counters. Shared by [`ConsoleGate`] (which spends it)
+/// The budget and its counters. Shared by `ConsoleGate` (which spends it)
 /// and the places that report on it.
 #[derive(Debug)]
 pub struct ConsoleBudget {
@@ -244,7 +244,7 @@ pub fn keep_this_thread_out_of_the_console() {
 ///   [`keep_this_thread_out_of_the_console`].
 ///
 /// Everything else passes through untouched.
-pub struct ConsoleGate<S> {
+pub(super) struct ConsoleGate<S> {
     inner: S,
     /// The budget, when the console is on.
     budget: Option<Arc<ConsoleBudget>>,
@@ -262,7 +262,7 @@ struct Recorded {
 }
 
 impl<S> ConsoleGate<S> {
-    pub fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
+    pub(super) fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
         Self {
             inner,
             budget,
