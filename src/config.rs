@@ -234,9 +234,6 @@ pub fn load(
     }
     layers.extend(env_layers(&defaults.data, env)?);
     layers.extend(flag_layers(overrides));
-    for layer in &layers {
-        layer.check_keys(&defaults.data)?;
-    }
 
     let figment = layers
         .iter()
@@ -270,31 +267,6 @@ impl Provider for Layer {
 }
 
 impl Layer {
-    /// Refuses keys the defaults do not have, naming this layer. (figment
-    /// merges unknown keys silently, and serde's `deny_unknown_fields`
-    /// would blame whichever layer last touched the section.)
-    fn check_keys(&self, defaults: &Dict) -> Result<(), ConfigError> {
-        let unknown = |key: String| ConfigError::UnknownKey {
-            key,
-            origin: self.source.clone(),
-        };
-        for (section, body) in &self.data {
-            let Value::Dict(_, body) = body else {
-                return Err(unknown(section.clone()));
-            };
-            for key in body.keys() {
-                let known = defaults
-                    .get(section)
-                    .and_then(Value::as_dict)
-                    .is_some_and(|t| t.contains_key(key));
-                if !known {
-                    return Err(unknown(format!("{section}.{key}")));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// A layer that sets one `section.key`.
     fn one(source: Source, path: &str, value: Value) -> Self {
         let (section, key) = path.split_once('.').expect("a section.key path");
@@ -444,18 +416,24 @@ fn source_of(metadata: Option<&Metadata>, layers: &[Layer]) -> Source {
 }
 
 /// A deserialization error, with the key and the layer its value came from.
+/// An unknown key is one the structs above, and so `config/default.toml`,
+/// do not have (every struct denies unknown fields).
 fn bad_value(err: figment::Error, layers: &[Layer]) -> ConfigError {
+    let key = err.path.join(".");
+    let origin = source_of(err.metadata.as_ref(), layers);
+    let message = match err.kind {
+        figment::error::Kind::UnknownField(..) => return ConfigError::UnknownKey { key, origin },
+        // figment's own wording quotes the list twice.
+        figment::error::Kind::UnknownVariant(found, expected) => format!(
+            "unknown variant `{found}`, expected one of `{}`",
+            expected.join("`, `")
+        ),
+        kind => kind.to_string(),
+    };
     ConfigError::BadValue {
-        key: err.path.join("."),
-        origin: source_of(err.metadata.as_ref(), layers),
-        message: match err.kind {
-            // figment's own wording quotes the list twice.
-            figment::error::Kind::UnknownVariant(found, expected) => format!(
-                "unknown variant `{found}`, expected one of `{}`",
-                expected.join("`, `")
-            ),
-            kind => kind.to_string(),
-        },
+        key,
+        origin,
+        message,
     }
 }
 
