@@ -368,44 +368,19 @@ fn value_from_env(
 
 /// One layer per command-line flag given.
 fn flag_layers(o: &Overrides) -> Vec<Layer> {
-    let flag = |flag, key: &str, value: Option<Value>| {
-        value.map(|v| Layer::one(Source::Flag(flag), key, v))
+    #[rustfmt::skip]
+    let flags: [(&'static str, &str, Option<Value>); 6] = [
+        ("--listen", "server.listen", o.listen.map(|a| a.to_string().into())),
+        ("--flavor", "runtime.flavor", o.flavor.map(|f| f.as_str().into())),
+        ("--workers", "runtime.worker_threads", o.workers.map(|n| (n as u64).into())),
+        ("--admin-listen", "admin.listen", o.admin_listen.map(|a| a.to_string().into())),
+        ("--no-otlp", "telemetry.otlp", o.no_otlp.then(|| false.into())),
+        ("--no-console", "telemetry.console", o.no_console.then(|| false.into())),
+    ];
+    let layer = |(flag, key, value): (_, _, Option<Value>)| {
+        Some(Layer::one(Source::Flag(flag), key, value?))
     };
-    [
-        flag(
-            "--listen",
-            "server.listen",
-            o.listen.map(|a| a.to_string().into()),
-        ),
-        flag(
-            "--flavor",
-            "runtime.flavor",
-            o.flavor.map(|f| f.as_str().into()),
-        ),
-        flag(
-            "--workers",
-            "runtime.worker_threads",
-            o.workers.map(|n| (n as u64).into()),
-        ),
-        flag(
-            "--admin-listen",
-            "admin.listen",
-            o.admin_listen.map(|a| a.to_string().into()),
-        ),
-        flag(
-            "--no-otlp",
-            "telemetry.otlp",
-            o.no_otlp.then(|| false.into()),
-        ),
-        flag(
-            "--no-console",
-            "telemetry.console",
-            o.no_console.then(|| false.into()),
-        ),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
+    flags.into_iter().filter_map(layer).collect()
 }
 
 /// The layer a figment metadata names.
