@@ -78,18 +78,12 @@ pub(super) fn start(
 fn serve(
     c: &ResolvedConsole,
 ) -> Result<(console_subscriber::ConsoleLayer, ConsoleServer), TelemetryError> {
-    let bind_err = |source| TelemetryError::ConsoleBind {
-        addr: c.listen,
-        via: if c.listen_from_env {
-            ", set by TOKIO_CONSOLE_BIND"
-        } else {
-            ""
-        },
-        source,
+    let key = if c.listen_from_env {
+        "telemetry.console_listen, set by TOKIO_CONSOLE_BIND"
+    } else {
+        "telemetry.console_listen"
     };
-    let listener = std::net::TcpListener::bind(c.listen).map_err(bind_err)?;
-    listener.set_nonblocking(true).map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    let (listener, addr) = crate::net::bind(c.listen, key).map_err(TelemetryError::ConsoleBind)?;
 
     let (layer, server) = console_subscriber::ConsoleLayer::builder()
         .retention(c.retention)

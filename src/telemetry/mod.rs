@@ -39,8 +39,6 @@
 //! With OTLP export off there is no OpenTelemetry layer at all: telemetry
 //! off means no per-request tracing cost (and no trace ids).
 
-use std::net::SocketAddr;
-
 mod console;
 mod console_budget;
 mod env;
@@ -76,16 +74,9 @@ pub struct ResourceInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error(
-        "tokio-console cannot listen on {addr} (config key telemetry.console_listen{via}): {source}"
-    )]
-    ConsoleBind {
-        addr: SocketAddr,
-        /// `", set by TOKIO_CONSOLE_BIND"` when the env var chose the address.
-        via: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The console's port could not be bound.
+    #[error("tokio-console: {0:#}")]
+    ConsoleBind(anyhow::Error),
     #[error("invalid {key}: {message}")]
     Config { key: &'static str, message: String },
     #[error("building the OTLP {protocol} exporter for {endpoint} failed: {source}")]
