@@ -24,10 +24,10 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 /// The embedded defaults. Also the schema: a key absent here is unknown.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override configuration keys.
-pub const ENV_PREFIX: &str = "STALL_LAB__";
+const ENV_PREFIX: &str = "STALL_LAB__";
 
 /// The effective configuration of one `stall-lab serve` process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
