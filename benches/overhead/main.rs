@@ -25,8 +25,8 @@
 //! 8. `naive`: the bare server again with the telemetry a first attempt
 //!    adds by following each crate's README (tower-http `TraceLayer`,
 //!    tracing-opentelemetry batching to the same receiver, tokio-console's
-//!    layer, fmt): the reference point of "a naive setup measures about
-//!    1.8×". It has none of stall-lab's per-request work (request task, poll
+//!    layer, fmt): the reference point for what a first attempt costs. It
+//!    has none of stall-lab's per-request work (request task, poll
 //!    statistics, watcher, report).
 //!
 //! The load is a closed loop: `OVERHEAD_CONNS` keep-alive connections, each

@@ -82,11 +82,11 @@ pub(crate) fn bare_server(naive: bool) -> ExitCode {
     }
 }
 
-/// The reference point of the "a naive setup measures about 1.8×":
-/// one subscriber with tokio-console's layer, tracing-opentelemetry batching
-/// to OTLP/HTTP and a fmt layer, each as its README shows it, plus
-/// tower-http's `TraceLayer` for the request span. No request task, no poll
-/// statistics, no stall watcher, no report: it answers `{"status":"ok"}`.
+/// The naive reference point: one subscriber with tokio-console's layer,
+/// tracing-opentelemetry batching to OTLP/HTTP and a fmt layer, each as its
+/// README shows it, plus tower-http's `TraceLayer` for the request span. No
+/// request task, no poll statistics, no stall watcher, no report: it answers
+/// `{"status":"ok"}`.
 fn naive_telemetry() -> Result<SdkTracerProvider, String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
