@@ -15,7 +15,7 @@ use super::console::ConsoleServer;
 use super::console_budget::ConsoleBudget;
 use super::export::{Export, ShutdownReport};
 use super::settings::TelemetryConfig;
-use super::{ResourceInfo, TelemetryError, console, env, export, filters, layers};
+use super::{ResourceInfo, SERVICE_NAME, TelemetryError, console, env, export, filters, layers};
 
 /// Installs the global subscriber. Call once per process, before building the
 /// app runtime's first span. Reads the process environment for the
@@ -38,7 +38,7 @@ pub fn init(cfg: &TelemetryConfig, info: &ResourceInfo) -> Result<Telemetry, Tel
     // With export off there is no OpenTelemetry layer at all, so telemetry
     // off costs nothing per request; the price is no trace ids.
     let otel_layer = cfg.otlp.then(|| {
-        let tracer = export.provider.tracer("stall-lab");
+        let tracer = export.provider.tracer(SERVICE_NAME);
         layers::otel_layer(tracer, otel_filter)
     });
     let (console_layer, console_server, console_budget) = match console {
