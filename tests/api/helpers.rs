@@ -243,26 +243,13 @@ pub fn fresh_client() -> reqwest::Client {
 /// Starts `stall-lab serve --listen 127.0.0.1:0 <args>` with `env` added,
 /// and waits for its `listening: app` line.
 pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
-    let mut command = Command::new(BIN);
+    let mut command = stall_lab(env);
     command
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Tests never depend on a collector or on port 6669 being free;
-        // the telemetry tests override these.
-        .env("STALL_LAB__TELEMETRY__OTLP", "false")
-        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
-        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0")
-        .env_remove("RUST_LOG");
-    for key in OTEL_ENV {
-        command.env_remove(key);
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawn stall-lab");
     let stderr_lines = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().unwrap();
@@ -333,17 +320,27 @@ pub async fn fetch_json(client: &reqwest::Client, url: &str) -> serde_json::Valu
 
 /// Runs the binary to completion (for `--print-config` and startup errors).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    stall_lab(env).args(args).output().expect("run stall-lab")
+}
+
+/// The binary with `env` on top of the tests' defaults: tests never depend
+/// on a collector, on a free port 6669 or 3001, nor on the developer's
+/// `OTEL_*`, `TOKIO_CONSOLE_BIND` and `RUST_LOG`.
+fn stall_lab(env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(BIN);
     command
-        .args(args)
         .stdin(Stdio::null())
         .env("STALL_LAB__TELEMETRY__OTLP", "false")
         .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
-        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0");
+        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0")
+        .env_remove("RUST_LOG");
+    for key in OTEL_ENV {
+        command.env_remove(key);
+    }
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().expect("run stall-lab")
+    command
 }
 
 pub fn as_f64(body: &serde_json::Value, key: &str) -> f64 {
