@@ -65,6 +65,18 @@ impl Variant {
 /// One `T` per [`Variant`], indexed by variant.
 pub(crate) struct ByVariant<T>([T; Variant::EVERY.len()]);
 
+// `variant as usize` is the variant's place in `EVERY`.
+const _: () = {
+    let mut i = 0;
+    while i < Variant::EVERY.len() {
+        assert!(
+            Variant::EVERY[i] as usize == i,
+            "EVERY is in declaration order"
+        );
+        i += 1;
+    }
+};
+
 impl<T: Default> Default for ByVariant<T> {
     fn default() -> Self {
         Self(std::array::from_fn(|_| T::default()))
