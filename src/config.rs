@@ -7,24 +7,27 @@
 //! a typo such as `STALL_LAB__RUNTIME__WORKERS` is a startup error naming the
 //! variable, not a silently ignored setting.
 //!
-//! Layers are merged as TOML tables and only then deserialized into [`Config`],
-//! while a side table remembers which layer set each key. That is what lets a
-//! bad value be reported as "runtime.flavor = \"paralel\" (from environment
-//! variable STALL_LAB__RUNTIME__FLAVOR)" instead of a bare serde message.
+//! Each layer is a figment provider named after where its keys came from (one
+//! per file, per environment variable, per flag). figment merges them and tags
+//! every value with its provider, so a bad value is reported as
+//! "runtime.flavor (from environment variable STALL_LAB__RUNTIME__FLAVOR)"
+//! and `--print-config` can say where each value came from.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Num, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
-use toml::{Table, Value};
 
 /// The embedded defaults. Also the schema: a key absent here is unknown.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override configuration keys.
-pub const ENV_PREFIX: &str = "STALL_LAB__";
+const ENV_PREFIX: &str = "STALL_LAB__";
 
 /// The effective configuration of one `stall-lab serve` process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -201,10 +204,12 @@ impl Loaded {
     /// The configuration as TOML, each key followed by a comment naming the
     /// layer that set it. The output is itself a valid config file.
     pub fn to_annotated_toml(&self) -> String {
-        let table = Table::try_from(&self.config).expect("Config serializes to a TOML table");
+        let table = toml::Table::try_from(&self.config).expect("Config serializes to a TOML table");
         let mut out = String::new();
         for (section, body) in &table {
-            let Value::Table(body) = body else { continue };
+            let toml::Value::Table(body) = body else {
+                continue;
+            };
             out.push_str(&format!("[{section}]\n"));
             for (key, value) in body {
                 let path = format!("{section}.{key}");
@@ -224,140 +229,113 @@ pub fn load(
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &Overrides,
 ) -> Result<Loaded, ConfigError> {
-    let defaults: Table = DEFAULT_TOML
-        .parse()
-        .expect("the embedded config/default.toml is valid TOML");
-    let mut merged = defaults.clone();
-    let mut sources = BTreeMap::new();
-
+    let defaults = Layer {
+        source: Source::Default,
+        data: toml_dict(DEFAULT_TOML).expect("the embedded config/default.toml is valid TOML"),
+    };
+    let mut layers = Vec::new();
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let table: Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                path: path.to_owned(),
-                message: e.message().to_owned(),
-            })?;
-        let source = Source::File(path.to_owned());
-        for (section, body) in table {
-            let Value::Table(body) = body else {
-                return Err(ConfigError::UnknownKey {
-                    key: section,
-                    origin: source,
-                });
-            };
-            for (key, value) in body {
-                set(
-                    &defaults,
-                    &mut merged,
-                    &mut sources,
-                    &section,
-                    &key,
-                    value,
-                    &source,
-                )?;
-            }
-        }
+        layers.push(file_layer(path)?);
     }
+    layers.extend(env_layers(&defaults.data, env)?);
+    layers.extend(flag_layers(overrides));
 
-    // Sorted, so that with two bad variables the error is deterministic.
-    let mut env: Vec<_> = env
-        .into_iter()
-        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
-        .collect();
-    env.sort();
-    for (name, raw) in env {
-        let source = Source::Env(name.clone());
-        let rest = &name[ENV_PREFIX.len()..];
-        let Some((section, key)) = rest.split_once("__") else {
-            return Err(ConfigError::UnknownKey {
-                key: rest.to_lowercase(),
-                origin: source,
-            });
-        };
-        let (section, key) = (section.to_lowercase(), key.to_lowercase());
-        let value = value_from_env(&defaults, &section, &key, &raw, &source)?;
-        set(
-            &defaults,
-            &mut merged,
-            &mut sources,
-            &section,
-            &key,
-            value,
-            &source,
-        )?;
-    }
-
-    let mut config = deserialize(merged, &sources)?;
-
-    if let Some(listen) = overrides.listen {
-        config.server.listen = listen;
-        sources.insert("server.listen".into(), Source::Flag("--listen"));
-    }
-    if let Some(flavor) = overrides.flavor {
-        config.runtime.flavor = flavor;
-        sources.insert("runtime.flavor".into(), Source::Flag("--flavor"));
-    }
-    if let Some(workers) = overrides.workers {
-        config.runtime.worker_threads = workers;
-        sources.insert("runtime.worker_threads".into(), Source::Flag("--workers"));
-    }
-
-    if let Some(listen) = overrides.admin_listen {
-        config.admin.listen = listen;
-        sources.insert("admin.listen".into(), Source::Flag("--admin-listen"));
-    }
-    if overrides.no_otlp {
-        config.telemetry.otlp = false;
-        sources.insert("telemetry.otlp".into(), Source::Flag("--no-otlp"));
-    }
-    if overrides.no_console {
-        config.telemetry.console = false;
-        sources.insert("telemetry.console".into(), Source::Flag("--no-console"));
-    }
+    let figment = layers
+        .iter()
+        .fold(Figment::from(&defaults), |figment, layer| {
+            figment.merge(layer)
+        });
+    let config: Config = figment.extract().map_err(|err| bad_value(err, &layers))?;
+    let sources = sources(&figment, &defaults.data, &layers);
 
     let loaded = Loaded { config, sources };
     validate(&loaded)?;
     Ok(loaded)
 }
 
-/// Sets `section.key` in `merged`, refusing keys the defaults do not have.
-fn set(
-    defaults: &Table,
-    merged: &mut Table,
-    sources: &mut BTreeMap<String, Source>,
-    section: &str,
-    key: &str,
-    value: Value,
-    source: &Source,
-) -> Result<(), ConfigError> {
-    let known = defaults
-        .get(section)
-        .and_then(Value::as_table)
-        .is_some_and(|t| t.contains_key(key));
-    if !known {
-        return Err(ConfigError::UnknownKey {
-            key: format!("{section}.{key}"),
-            origin: source.clone(),
-        });
+/// One layer's keys and where they came from: a figment provider whose
+/// metadata name is the [`Source`], so figment's errors and
+/// `find_metadata` lead back to it.
+struct Layer {
+    source: Source,
+    data: Dict,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.source.to_string())
     }
-    merged
-        .get_mut(section)
-        .and_then(Value::as_table_mut)
-        .expect("section exists: checked against the defaults")
-        .insert(key.to_owned(), value);
-    sources.insert(format!("{section}.{key}"), source.clone());
-    Ok(())
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.data.clone()))
+    }
+}
+
+impl Layer {
+    /// A layer that sets one `section.key`.
+    fn one(source: Source, path: &str, value: Value) -> Self {
+        let (section, key) = path.split_once('.').expect("a section.key path");
+        let body = Dict::from([(key.to_owned(), value)]);
+        let data = Dict::from([(section.to_owned(), Value::from(body))]);
+        Self { source, data }
+    }
+}
+
+/// The keys of a TOML document, or the parser's message.
+fn toml_dict(text: &str) -> Result<Dict, String> {
+    let mut profiles = Toml::string(text).data().map_err(|e| e.kind.to_string())?;
+    Ok(profiles.remove(&Profile::Default).unwrap_or_default())
+}
+
+fn file_layer(path: &Path) -> Result<Layer, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let data = toml_dict(&text).map_err(|message| ConfigError::Syntax {
+        path: path.to_owned(),
+        message,
+    })?;
+    Ok(Layer {
+        source: Source::File(path.to_owned()),
+        data,
+    })
+}
+
+/// One layer per `STALL_LAB__SECTION__KEY` variable, sorted by name so that
+/// with two bad variables the error is deterministic.
+fn env_layers(
+    defaults: &Dict,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<Layer>, ConfigError> {
+    let mut env: Vec<_> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .collect();
+    env.sort();
+    env.into_iter()
+        .map(|(name, raw)| {
+            let source = Source::Env(name.clone());
+            let rest = &name[ENV_PREFIX.len()..];
+            let Some((section, key)) = rest.split_once("__") else {
+                return Err(ConfigError::UnknownKey {
+                    key: rest.to_lowercase(),
+                    origin: source,
+                });
+            };
+            let (section, key) = (section.to_lowercase(), key.to_lowercase());
+            let value = value_from_env(defaults, &section, &key, &raw, &source)?;
+            Ok(Layer::one(source, &format!("{section}.{key}"), value))
+        })
+        .collect()
 }
 
 /// Environment variables are strings; the default's type says how to read
 /// one, so `STALL_LAB__RUNTIME__WORKER_THREADS=two` is "expected an integer"
-/// rather than a string that fails later with a vaguer message.
+/// rather than a string that fails later with a vaguer message (figment's
+/// `Env` provider guesses the type from the text instead).
 fn value_from_env(
-    defaults: &Table,
+    defaults: &Dict,
     section: &str,
     key: &str,
     raw: &str,
@@ -365,7 +343,7 @@ fn value_from_env(
 ) -> Result<Value, ConfigError> {
     let default = defaults
         .get(section)
-        .and_then(Value::as_table)
+        .and_then(Value::as_dict)
         .and_then(|t| t.get(key))
         .ok_or_else(|| ConfigError::UnknownKey {
             key: format!("{section}.{key}"),
@@ -376,24 +354,83 @@ fn value_from_env(
         origin: source.clone(),
         message: format!("expected {expected}, got {raw:?}"),
     };
+    let trimmed = raw.trim();
     Ok(match default {
-        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
-        Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| bad("true or false"))?),
-        Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?),
-        _ => Value::String(raw.to_owned()),
+        Value::Num(_, Num::F32(_) | Num::F64(_)) => {
+            trimmed.parse::<f64>().map_err(|_| bad("a number"))?.into()
+        }
+        Value::Num(..) => trimmed
+            .parse::<i64>()
+            .map_err(|_| bad("an integer"))?
+            .into(),
+        Value::Bool(..) => trimmed
+            .parse::<bool>()
+            .map_err(|_| bad("true or false"))?
+            .into(),
+        _ => raw.into(),
     })
 }
 
-fn deserialize(merged: Table, sources: &BTreeMap<String, Source>) -> Result<Config, ConfigError> {
-    serde_path_to_error::deserialize(Value::Table(merged)).map_err(|err| {
-        let key = err.path().to_string();
-        let source = sources.get(&key).cloned().unwrap_or(Source::Default);
-        ConfigError::BadValue {
-            key,
-            origin: source,
-            message: err.into_inner().message().to_owned(),
+/// One layer per command-line flag given.
+fn flag_layers(o: &Overrides) -> Vec<Layer> {
+    #[rustfmt::skip]
+    let flags: [(&'static str, &str, Option<Value>); 6] = [
+        ("--listen", "server.listen", o.listen.map(|a| a.to_string().into())),
+        ("--flavor", "runtime.flavor", o.flavor.map(|f| f.as_str().into())),
+        ("--workers", "runtime.worker_threads", o.workers.map(|n| (n as u64).into())),
+        ("--admin-listen", "admin.listen", o.admin_listen.map(|a| a.to_string().into())),
+        ("--no-otlp", "telemetry.otlp", o.no_otlp.then(|| false.into())),
+        ("--no-console", "telemetry.console", o.no_console.then(|| false.into())),
+    ];
+    let layer = |(flag, key, value): (_, _, Option<Value>)| {
+        Some(Layer::one(Source::Flag(flag), key, value?))
+    };
+    flags.into_iter().filter_map(layer).collect()
+}
+
+/// The layer a figment metadata names.
+fn source_of(metadata: Option<&Metadata>, layers: &[Layer]) -> Source {
+    metadata
+        .and_then(|m| layers.iter().find(|l| l.source.to_string() == m.name))
+        .map_or(Source::Default, |l| l.source.clone())
+}
+
+/// A deserialization error, with the key and the layer its value came from.
+/// An unknown key is one the structs above, and so `config/default.toml`,
+/// do not have (every struct denies unknown fields).
+fn bad_value(err: figment::Error, layers: &[Layer]) -> ConfigError {
+    let key = err.path.join(".");
+    let origin = source_of(err.metadata.as_ref(), layers);
+    let message = match err.kind {
+        figment::error::Kind::UnknownField(..) => return ConfigError::UnknownKey { key, origin },
+        // figment's own wording quotes the list twice.
+        figment::error::Kind::UnknownVariant(found, expected) => format!(
+            "unknown variant `{found}`, expected one of `{}`",
+            expected.join("`, `")
+        ),
+        kind => kind.to_string(),
+    };
+    ConfigError::BadValue {
+        key,
+        origin,
+        message,
+    }
+}
+
+/// Which layer set each key that is not at its default.
+fn sources(figment: &Figment, defaults: &Dict, layers: &[Layer]) -> BTreeMap<String, Source> {
+    let mut sources = BTreeMap::new();
+    for (section, body) in defaults {
+        let Some(body) = body.as_dict() else { continue };
+        for key in body.keys() {
+            let path = format!("{section}.{key}");
+            let source = source_of(figment.find_metadata(&path), layers);
+            if source != Source::Default {
+                sources.insert(path, source);
+            }
         }
-    })
+    }
+    sources
 }
 
 /// Checks that go beyond types: ranges that would make the runtime panic or

@@ -7,6 +7,7 @@
 //! - [`config`]: layered configuration: embedded defaults, file, env, flags.
 //! - [`runtime`]: the only place that builds the application runtime.
 //! - [`telemetry`]: the only place that touches the subscriber stack.
+//! - [`net`]: binding a listener before its runtime exists.
 //! - [`server`]: bind, announce `listening: …`, serve, drain on shutdown.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`app`]: the router, fallbacks and middleware.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod measure;
+pub mod net;
 pub mod params;
 pub mod report;
 pub mod request;

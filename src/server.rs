@@ -79,11 +79,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
 
     // Bound before the runtime runs, so the admin server knows the app's
     // address (port 0 included).
-    let listen = config.server.listen;
-    let app_listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
-    app_listener.set_nonblocking(true)?;
-    let addr = app_listener.local_addr()?;
+    let (app_listener, addr) = crate::net::bind(config.server.listen, "server.listen")?;
     let app_url = format!("http://{addr}");
 
     let config = Arc::new(config);

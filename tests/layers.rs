@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// stall-lab's top-level modules, bottom first.
 const STALL_LAB: &[&str] = &[
     "error",
+    "net",
     "cpu",
     "arrival",
     "shutdown",

@@ -1,45 +1,37 @@
 //! How many tasks tokio-console may record: a token bucket in front of the
 //! console layer.
 //!
-//! console-subscriber keeps two HdrHistograms (~50 KB) for every task it
-//! records (poll times and scheduling delays), and keeps a *finished* task for
-//! the whole retention (10 minutes here), so that `tokio-console` can still
-//! show it. stall-lab makes a task per request. Under a load generator that
-//! is requests/s × retention × 50 KB: measured, 5.4 GB after 100k requests
-//! of `/healthz`, with most of the server's CPU going to the kernel zeroing
-//! fresh pages for histograms nobody would ever scroll to.
+//! console-subscriber keeps two histograms for every task it records (poll
+//! times and scheduling delays) and keeps a *finished* task for the whole
+//! retention, so that `tokio-console` can still show it. stall-lab makes a
+//! task per request: without a bound, the console's memory grows with
+//! requests/s × retention.
 //!
 //! The budget bounds it. The console records at most `budget` tasks up
 //! front, then `budget` more per retention window (the bucket refills at
 //! budget ÷ retention tasks per second), so it never holds more than about
 //! 2 × budget finished tasks. A task it does not record still runs, is
 //! traced, counted in `/debug/runtime` and watched for stalls; it only is not
-//! in the console. Firing scenarios by hand, even a few per second, never
-//! reaches the default budget.
+//! in the console. Firing scenarios by hand never reaches the default budget.
 //!
 //! The decision is taken once per task, when tokio creates the task's
-//! `runtime.spawn` span (tokio does so at spawn, with `--cfg tokio_unstable`).
-//! A refused span must not exist at all: then tokio attaches no tracing id
-//! to the task and emits none of its per-poll and per-wake events. A
-//! per-layer filter cannot ensure that. tracing-subscriber 0.3 creates a
-//! span whenever a filter decided *per call* (interest "sometimes"), even if
-//! every per-layer filter said no: it disables one globally only when all 64
-//! bits of its filter map are set. Measured: with the budget spent, every
-//! request task still had a span, and its wakes and polls cost the console
-//! layer 1.8 µs per `/healthz`. So the budget is spent by [`ConsoleGate`], a
-//! wrapper around the whole subscriber that answers "disabled" for a refused
-//! task before any layer is asked; the console layer's own filter is a
-//! static `tokio=trace,runtime=trace`. Only the console ever wants these spans
-//! (the OpenTelemetry layer drops `runtime.*`, the logs take events only).
+//! `runtime.spawn` span (at spawn, with `--cfg tokio_unstable`). A refused
+//! span must not exist at all: then tokio attaches no tracing id to the task
+//! and emits none of its per-poll and per-wake events. A per-layer filter
+//! cannot ensure that: tracing-subscriber 0.3 still creates a span that a
+//! filter refused *per call* (interest "sometimes"), unless every per-layer
+//! filter is set. So the budget is spent by [`ConsoleGate`], a wrapper around
+//! the whole subscriber that answers "disabled" for a refused task before any
+//! layer is asked; the console layer's own filter is a static
+//! `tokio=trace,runtime=trace`. Only the console ever wants these spans (the
+//! OpenTelemetry layer drops `runtime.*`, the logs take events only).
 //!
-//! The resources a task creates (a `Sleep`, a oneshot, a semaphore: tokio's
-//! `runtime.resource` spans) and their async operations are retained by the
-//! console too, ~1.3 KB each (measured: `wrk` on `/coop/sleep` grew the
-//! process by 45 MB per 34k requests with only the tasks budgeted). They
-//! follow their task: one is recorded only if it is created while the
-//! console is recording something: inside a recorded task (by tokio's task
-//! id), or outside any task (`block_on`). Inside a refused task the resource
-//! gets no span either.
+//! The resources a task creates (tokio's `runtime.resource` spans: a `Sleep`,
+//! a oneshot, a semaphore) and their async operations are retained by the
+//! console too. They follow their task: one is recorded only if it is
+//! created while the console is recording something: inside a recorded task
+//! (by tokio's task id), or outside any task (`block_on`). Inside a refused
+//! task the resource gets no span either.
 
 use std::any::TypeId;
 use std::cell::Cell;
@@ -70,7 +62,7 @@ fn is_resource_span(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.name().starts_with("runtime.resource")
 }
 
-/// The budget and its counters. Shared by [`ConsoleGate`] (which spends it)
+/// The budget and its counters. Shared by `ConsoleGate` (which spends it)
 /// and the places that report on it.
 #[derive(Debug)]
 pub struct ConsoleBudget {
@@ -244,7 +236,7 @@ pub fn keep_this_thread_out_of_the_console() {
 ///   [`keep_this_thread_out_of_the_console`].
 ///
 /// Everything else passes through untouched.
-pub struct ConsoleGate<S> {
+pub(super) struct ConsoleGate<S> {
     inner: S,
     /// The budget, when the console is on.
     budget: Option<Arc<ConsoleBudget>>,
@@ -262,7 +254,7 @@ struct Recorded {
 }
 
 impl<S> ConsoleGate<S> {
-    pub fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
+    pub(super) fn new(inner: S, budget: Option<Arc<ConsoleBudget>>) -> Self {
         Self {
             inner,
             budget,

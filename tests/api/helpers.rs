@@ -63,9 +63,9 @@ impl TestApp {
     /// worker (fired in the background), up to 10 s. Fixed sleeps are too
     /// short on a busy machine.
     pub async fn wait_for_stall(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let stalls = self.admin_json("/debug/stalls").await;
+        let app = self;
+        let seen = wait_until(Duration::from_secs(10), || async move {
+            let stalls = app.admin_json("/debug/stalls").await;
             // A `/block/*` request's own stall, 50 ms into it. On a loaded
             // machine the OS can preempt a worker mid-poll for over the
             // threshold, and that is a stall too: of another task, or of the
@@ -76,12 +76,29 @@ impl TestApp {
                         .as_str()
                         .is_some_and(|r| r.starts_with("GET /block/"))
             });
-            if blocking {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no stall began: {stalls}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if blocking { Ok(()) } else { Err(stalls) }
+        })
+        .await;
+        if let Err(stalls) = seen {
+            panic!("no stall began: {stalls}");
         }
+    }
+
+    /// The tokio-console server's address.
+    pub fn console_addr(&self) -> std::net::SocketAddr {
+        self.listeners["console"]
+            .trim_start_matches("http://")
+            .parse()
+            .expect("listening: console http://ADDR")
+    }
+
+    /// GET `path` on a fresh connection in a task of its own: a request
+    /// still running while the test looks at something else.
+    pub fn get_in_background(
+        &self,
+        path: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        get_in_background(self.url(path))
     }
 
     /// Base URL of the application server.
@@ -129,14 +146,13 @@ impl TestApp {
     /// last lines to be read), checked for panics in any thread, which do
     /// not change a process's exit status.
     pub fn logs_at_exit(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !self
-            .stderr_closed
-            .load(std::sync::atomic::Ordering::Acquire)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let closed = &self.stderr_closed;
+        let _ = wait_until_blocking(Duration::from_secs(2), || {
+            closed
+                .load(std::sync::atomic::Ordering::Acquire)
+                .then_some(())
+                .ok_or(())
+        });
         let logs = self.logs();
         assert!(!logs.contains("panicked"), "a thread panicked:\n{logs}");
         logs
@@ -155,14 +171,8 @@ impl TestApp {
     }
 
     pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let child = &mut self.child;
+        wait_until_blocking(timeout, || child.try_wait().expect("try_wait").ok_or(())).ok()
     }
 }
 
@@ -182,6 +192,44 @@ pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     EXCLUSIVE.lock().await
 }
 
+/// Calls `check` every 10 ms until it returns `Ok`, for up to `timeout`;
+/// then returns its last `Err`: what it saw, for the failure message.
+pub async fn wait_until<T, E, F>(timeout: Duration, mut check: impl FnMut() -> F) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = check().await;
+        if seen.is_ok() || Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`wait_until`] for a plain thread.
+pub fn wait_until_blocking<T, E>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = check();
+        if seen.is_ok() || Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// GET `url` on a fresh connection in a task of its own.
+pub fn get_in_background(
+    url: String,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    tokio::spawn(async move { fresh_client().get(url).send().await })
+}
+
 /// A client that does not reuse connections, so each request is accepted
 /// afresh (the probe tests want that).
 pub fn fresh_client() -> reqwest::Client {
@@ -195,26 +243,13 @@ pub fn fresh_client() -> reqwest::Client {
 /// Starts `stall-lab serve --listen 127.0.0.1:0 <args>` with `env` added,
 /// and waits for its `listening: app` line.
 pub fn spawn_app(args: &[&str], env: &[(&str, &str)]) -> TestApp {
-    let mut command = Command::new(BIN);
+    let mut command = stall_lab(env);
     command
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Tests never depend on a collector or on port 6669 being free;
-        // the telemetry tests override these.
-        .env("STALL_LAB__TELEMETRY__OTLP", "false")
-        .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
-        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0")
-        .env_remove("RUST_LOG");
-    for key in OTEL_ENV {
-        command.env_remove(key);
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawn stall-lab");
     let stderr_lines = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().unwrap();
@@ -285,17 +320,27 @@ pub async fn fetch_json(client: &reqwest::Client, url: &str) -> serde_json::Valu
 
 /// Runs the binary to completion (for `--print-config` and startup errors).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    stall_lab(env).args(args).output().expect("run stall-lab")
+}
+
+/// The binary with `env` on top of the tests' defaults: tests never depend
+/// on a collector, on a free port 6669 or 3001, nor on the developer's
+/// `OTEL_*`, `TOKIO_CONSOLE_BIND` and `RUST_LOG`.
+fn stall_lab(env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(BIN);
     command
-        .args(args)
         .stdin(Stdio::null())
         .env("STALL_LAB__TELEMETRY__OTLP", "false")
         .env("STALL_LAB__TELEMETRY__CONSOLE_LISTEN", "127.0.0.1:0")
-        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0");
+        .env("STALL_LAB__ADMIN__LISTEN", "127.0.0.1:0")
+        .env_remove("RUST_LOG");
+    for key in OTEL_ENV {
+        command.env_remove(key);
+    }
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().expect("run stall-lab")
+    command
 }
 
 pub fn as_f64(body: &serde_json::Value, key: &str) -> f64 {

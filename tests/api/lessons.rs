@@ -10,9 +10,7 @@ use crate::helpers::{TestApp, as_f64, spawn_app};
 /// machine), then times a `/healthz` probe on a fresh connection. Returns
 /// the probe's latency.
 async fn probe_during(app: &TestApp, path: &str, after: Duration) -> Duration {
-    let url = app.url(path);
-    let background =
-        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let background = app.get_in_background(path);
     tokio::time::sleep(after).await;
     if path.starts_with("/block/") {
         app.wait_for_stall().await;
@@ -52,9 +50,7 @@ async fn multi_thread_another_worker_answers_while_one_is_blocked() {
     // proves nothing).
     let mut seen = Vec::new();
     for _ in 0..10 {
-        let url = app.url("/block/sleep?ms=500");
-        let background =
-            tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+        let background = app.get_in_background("/block/sleep?ms=500");
         app.wait_for_stall().await;
         let mut answered_during_block = None;
         for _ in 0..5 {
@@ -145,8 +141,7 @@ async fn spawned_cpu_jobs_are_parallel_only_with_two_workers() {
 async fn the_victim_of_a_total_stall_reports_how_long_it_waited_to_be_read() {
     let _exclusive = crate::helpers::exclusive().await;
     let app = spawn_app(&["--flavor", "current_thread"], &[]);
-    let url = app.url("/block/sleep?ms=600");
-    let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let blocked = app.get_in_background("/block/sleep?ms=600");
     app.wait_for_stall().await;
     let victim =
         crate::helpers::fetch_json(&crate::helpers::fresh_client(), &app.url("/healthz")).await;

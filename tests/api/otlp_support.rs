@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -102,16 +102,11 @@ impl SpanStore {
         pred: impl Fn(&[RecordedSpan]) -> bool,
         timeout: Duration,
     ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&self.0.lock().unwrap()) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let pred = &pred;
+        let seen = crate::helpers::wait_until(timeout, || async move {
+            pred(&self.0.lock().unwrap()).then_some(()).ok_or(())
+        });
+        seen.await.is_ok()
     }
 }
 

@@ -198,34 +198,28 @@ async fn the_stall_budget_is_global_and_answers_503_with_retry_after() {
     // and tokio does not always let the other worker pick up new requests
     // meanwhile: see "A free worker is not enough" in the README. Then a
     // probe would be answered only after the holder returned its permit.)
-    let holder = {
-        let url = app.url("/fanout/offload?n=1&ms=3000");
-        tokio::spawn(async move {
-            crate::helpers::fresh_client()
-                .get(url)
-                .send()
-                .await
-                .map(|r| r.status())
-        })
-    };
+    let holder = app.get_in_background("/fanout/offload?n=1&ms=3000");
     // Wait until its job runs on the blocking pool: it took the permit
     // before spawning the job. (Not by probing a stalling route until one
     // is refused: a probe holding the only permit at the wrong moment would
     // get the holder itself refused.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let runtime = app.admin_json("/debug/runtime").await;
+    let (app_ref, holder_ref) = (&app, &holder);
+    let job_ran = crate::helpers::wait_until(Duration::from_secs(10), || async move {
+        let runtime = app_ref.admin_json("/debug/runtime").await;
         let busy = runtime["blocking_threads"].as_u64().unwrap()
             - runtime["idle_blocking_threads"].as_u64().unwrap();
         if busy >= 1 {
-            break;
+            return Ok(());
         }
-        assert!(!holder.is_finished(), "the holder ended before its job ran");
         assert!(
-            std::time::Instant::now() < deadline,
-            "the holder's job never ran: {runtime}"
+            !holder_ref.is_finished(),
+            "the holder ended before its job ran"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        Err(runtime)
+    })
+    .await;
+    if let Err(runtime) = job_ran {
+        panic!("the holder's job never ran: {runtime}");
     }
     // The other stalling routes: the budget is shared, not per route.
     for path in [
@@ -253,7 +247,7 @@ async fn the_stall_budget_is_global_and_answers_503_with_retry_after() {
     }
     // Cooperative routes are not budgeted.
     assert_eq!(app.get("/coop/sleep?ms=1").await.status(), 200);
-    assert_eq!(holder.await.unwrap().unwrap(), 200);
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
     // The permit came back.
     assert_eq!(app.get("/block/cpu?ms=1").await.status(), 200);
 }

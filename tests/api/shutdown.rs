@@ -8,9 +8,7 @@ use crate::helpers::spawn_app;
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     let mut app = spawn_app(&[], &[]);
-    let url = app.url("/coop/sleep?ms=600");
-    let in_flight =
-        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let in_flight = app.get_in_background("/coop/sleep?ms=600");
     tokio::time::sleep(Duration::from_millis(150)).await;
 
     let status = tokio::task::block_in_place(|| app.terminate(Duration::from_secs(10)));
@@ -26,9 +24,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_grace_period_bounds_the_wait() {
     let mut app = spawn_app(&[], &[("STALL_LAB__SERVER__SHUTDOWN_GRACE_MS", "300")]);
-    let url = app.url("/coop/sleep?ms=5000");
-    let _in_flight =
-        tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let _in_flight = app.get_in_background("/coop/sleep?ms=5000");
     tokio::time::sleep(Duration::from_millis(150)).await;
 
     let start = Instant::now();

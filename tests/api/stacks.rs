@@ -5,33 +5,27 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{exclusive, spawn_app};
+use crate::helpers::{exclusive, spawn_app, wait_until};
 
 /// Fires `path` in the background and returns the stall's stack as soon as
 /// `/debug/stalls` shows one for it in progress.
 async fn live_stack(app: &crate::helpers::TestApp, path: &str) -> Vec<Value> {
-    let request = {
-        let client = app.client.clone();
-        let url = app.url(path);
-        tokio::spawn(async move { client.get(url).send().await.unwrap().status() })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stack = loop {
+    let request = app.get_in_background(path);
+    let route = format!("GET {}", path.split('?').next().unwrap());
+    let stack = wait_until(Duration::from_secs(10), || async {
         let stalls = app.admin_json("/debug/stalls").await;
         assert_eq!(stalls["stacks"], "on", "{stalls}");
-        let stack = stalls["in_progress"]
+        stalls["in_progress"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|s| s["culprit"]["route"] == format!("GET {}", path.split('?').next().unwrap()))
-            .and_then(|s| s["stack"].as_array().cloned());
-        if let Some(stack) = stack {
-            break stack;
-        }
-        assert!(Instant::now() < deadline, "no stack in progress: {stalls}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(request.await.unwrap(), 200);
+            .find(|s| s["culprit"]["route"] == route.as_str())
+            .and_then(|s| s["stack"].as_array().cloned())
+            .ok_or(stalls)
+    })
+    .await
+    .unwrap_or_else(|stalls| panic!("no stack in progress: {stalls}"));
+    assert_eq!(request.await.unwrap().unwrap().status(), 200);
     stack
 }
 
@@ -83,8 +77,7 @@ async fn a_blocking_sleep_and_a_busy_loop_show_their_lines_while_they_hold_the_w
     );
 
     // Filed with the stall, and named in the log.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let stalls = wait_until(Duration::from_secs(5), || async {
         let stalls = app.admin_json("/debug/stalls").await;
         let recent = stalls["recent"].as_array().unwrap();
         let filed = |route: &str| {
@@ -93,13 +86,15 @@ async fn a_blocking_sleep_and_a_busy_loop_show_their_lines_while_they_hold_the_w
                 .any(|s| s["culprit"]["route"] == route && s["stack"].is_array())
         };
         if filed("GET /block/sleep") && filed("GET /block/cpu") {
-            let capture = &stalls["stack_capture"];
-            assert!(capture["captures"].as_u64().unwrap() >= 2, "{capture}");
-            break;
+            Ok(stalls)
+        } else {
+            Err(stalls)
         }
-        assert!(Instant::now() < deadline, "{stalls}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|stalls| panic!("not filed with their stacks: {stalls}"));
+    let capture = &stalls["stack_capture"];
+    assert!(capture["captures"].as_u64().unwrap() >= 2, "{capture}");
     let logs = app.logs();
     assert!(
         logs.lines().any(|l| l.contains("stall over")

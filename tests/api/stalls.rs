@@ -6,18 +6,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{TestApp, as_f64, exclusive, spawn_app};
+use crate::helpers::{TestApp, as_f64, exclusive, spawn_app, wait_until};
 
 /// Waits until `/debug/stalls` reports at least `count` finished stalls.
 async fn wait_for_stalls(app: &TestApp, count: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let seen = wait_until(Duration::from_secs(5), || async move {
         let stalls = app.admin_json("/debug/stalls").await;
-        if stalls["total"].as_u64().unwrap() >= count || Instant::now() > deadline {
-            return stalls;
+        if stalls["total"].as_u64().unwrap() >= count {
+            Ok(stalls)
+        } else {
+            Err(stalls)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    });
+    seen.await.unwrap_or_else(|stalls| stalls)
 }
 
 /// Finished stalls blamed on the application. A stall classified
@@ -102,8 +103,7 @@ async fn cooperative_requests_under_load_cause_no_stall() {
 async fn the_admin_server_answers_during_a_total_stall_and_shows_it_live() {
     let _exclusive = exclusive().await;
     let app = spawn_app(&["--flavor", "current_thread"], &[]);
-    let url = app.url("/block/sleep?ms=1000");
-    let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let blocked = app.get_in_background("/block/sleep?ms=1000");
     app.wait_for_stall().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 

@@ -171,9 +171,8 @@ async fn export_keeps_flowing_during_a_total_stall(protocol: &'static str) {
     let c = Receiver::start(protocol);
     let app = traced_app(&c, &["--flavor", "current_thread"], &[]);
     app.get_json("/healthz").await;
-    let url = app.url("/block/sleep?ms=2000");
     let started = Instant::now();
-    let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let blocked = app.get_in_background("/block/sleep?ms=2000");
     let arrived = c
         .store
         .wait_for(
@@ -207,12 +206,8 @@ async fn grpc_exports_during_a_stall() {
 #[tokio::test]
 async fn tokio_console_shows_a_task_named_after_the_route() {
     let app = spawn_app(&[], &[]);
-    let console: std::net::SocketAddr = app.listeners["console"]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let url = app.url("/block/sleep?ms=3000");
-    let blocked = tokio::spawn(async move { crate::helpers::fresh_client().get(url).send().await });
+    let console = app.console_addr();
+    let blocked = app.get_in_background("/block/sleep?ms=3000");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = console_tasks(
         console,
@@ -236,10 +231,7 @@ async fn console_sees(app: &TestApp) -> (usize, usize, serde_json::Value) {
         app.get_json("/healthz").await;
         app.get_json("/coop/sleep?ms=1").await;
     }
-    let console: std::net::SocketAddr = app.listeners["console"]
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
+    let console = app.console_addr();
     let healthz = |v: &ConsoleView| v.tasks.iter().filter(|n| *n == "GET /healthz").count();
     let timers = |v: &ConsoleView| {
         v.resource_files

@@ -73,16 +73,10 @@ impl Watch {
                 })
             });
             match Sampler::new(monitor.slots.len(), STACK_BYTES, poll_seq) {
-                Ok(sampler) => {
-                    let sampler = Arc::new(sampler);
-                    // Reading unwind tables and indexing DWARF takes tens of
-                    // milliseconds: do it now, off the first stall's path.
-                    let warm = sampler.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("stall-watch-prepare".into())
-                        .spawn(move || warm.prepare());
-                    Some(sampler)
-                }
+                // The unwind tables and debug info are read at the first
+                // stall, not now: a service that never stalls pays neither
+                // their memory (about 17 MB in a release build) nor the CPU.
+                Ok(sampler) => Some(Arc::new(sampler)),
                 Err(e) => {
                     tracing::warn!(
                         target: crate::span::TARGET,

@@ -361,6 +361,7 @@ impl Sampler {
         result
     }
 
+    #[cfg(test)]
     /// Does now, on the calling thread, what the first
     /// [`Sampler::symbolize`] would otherwise do: list the modules, read
     /// their unwind tables, open the executable's DWARF and index it.

@@ -48,6 +48,7 @@ impl Sampler {
         Err(StackError::Unsupported)
     }
 
+    #[cfg(test)]
     /// Does nothing.
     pub(crate) fn prepare(&self) {}
 

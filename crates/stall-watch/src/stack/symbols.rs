@@ -57,6 +57,7 @@ impl Symbolizer {
         }
     }
 
+    #[cfg(test)]
     /// Opens the executable's DWARF and builds its address index by looking
     /// up one of its own functions, so the first stall does not pay for it.
     pub(super) fn warm_up(&mut self) {
