@@ -146,3 +146,80 @@ fn the_stall_span_follows_from_the_culprits_span_and_closes_when_the_stall_ends(
     });
     assert_eq!(watch.stalls(1).total, 1);
 }
+
+/// The live stack of the stall on worker 0, once captured.
+fn live_stack(watch: &Watch) -> Vec<stall_watch::Frame> {
+    wait_for(|| {
+        watch
+            .stalls(0)
+            .in_progress
+            .into_iter()
+            .find(|s| !s.stack.is_empty())
+            .map(|s| s.stack)
+    })
+}
+
+fn shows(stack: &[stall_watch::Frame], needle: &str) -> bool {
+    stack.iter().any(|f| f.function.contains(needle))
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[test]
+fn a_mutex_wait_is_captured_where_it_waits_and_still_gets_the_lock() {
+    let watch = Watch::new(Config::default());
+    let runtime = one_worker(&watch);
+    let shared = Arc::new(Mutex::new(0u32));
+    let holder = shared.lock().unwrap();
+    let waiter = {
+        let shared = shared.clone();
+        runtime.spawn(async move { waits_for_the_lock(&shared) })
+    };
+    let stack = live_stack(&watch);
+    assert!(shows(&stack, "waits_for_the_lock"), "{stack:#?}");
+    assert!(
+        shows(&stack, "Mutex") || shows(&stack, "futex"),
+        "{stack:#?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut holder = holder;
+    *holder = 42;
+    drop(holder);
+    assert_eq!(runtime.block_on(waiter).unwrap(), 42);
+}
+
+#[inline(never)]
+fn waits_for_the_lock(shared: &Mutex<u32>) -> u32 {
+    *shared.lock().unwrap()
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[test]
+fn a_blocking_socket_read_is_captured_and_still_returns_its_data() {
+    use std::io::{Read, Write};
+    let watch = Watch::new(Config::default());
+    let runtime = one_worker(&watch);
+    let (mut writer, reader) = std::os::unix::net::UnixStream::pair().unwrap();
+    let read = runtime.spawn(async move { reads_a_socket(reader) });
+    let stack = live_stack(&watch);
+    assert!(shows(&stack, "reads_a_socket"), "{stack:#?}");
+    assert!(shows(&stack, "read"), "{stack:#?}");
+    // Captured again and again while it waits: the read is not interrupted.
+    std::thread::sleep(Duration::from_millis(1200));
+    writer.write_all(b"hello").unwrap();
+    assert_eq!(runtime.block_on(read).unwrap(), b"hello");
+    let stalls = watch.stalls(1);
+    assert!(stalls.stack_capture.expect("stats").captures >= 2);
+
+    #[inline(never)]
+    fn reads_a_socket(mut reader: std::os::unix::net::UnixStream) -> Vec<u8> {
+        let mut buf = [0u8; 5];
+        reader.read_exact(&mut buf).unwrap();
+        buf.to_vec()
+    }
+}
