@@ -1,4 +1,4 @@
-//! The command line: `stall-lab [serve] [flags]`.
+//! The command line: `stall-lab [serve] [flags]`, `stall-lab load`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ pub struct Cli {
 enum Command {
     /// Run the scenario server (the default command).
     Serve(ServeArgs),
+    /// Drive traffic at a server: a fixed rate (open loop, latency counted
+    /// from when each request was due) or a fixed number of connections.
+    Load(crate::load::LoadArgs),
 }
 
 /// Shown at the end of `stall-lab serve --help`.
@@ -90,6 +93,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Load(args)) => return crate::load::main(args),
         None => cli.serve,
     };
     serve(args)

@@ -21,6 +21,8 @@
 //!   stall records and `executor.stall` spans.
 //! - [`admin`]: the admin server on its own thread and runtime: dashboard,
 //!   `/debug/runtime`, `/debug/stalls`, `/debug/events`.
+//! - [`load`]: `stall-lab load`, the load generator (open loop with
+//!   coordinated-omission correction, or closed loop; HdrHistogram).
 //! - [`params`], [`budget`], [`error`], [`state`], [`cpu`]: the handlers'
 //!   toolbox: validated `ms`/`n`, the stall budget, the JSON error shape,
 //!   shared state, and time-bounded CPU work.
@@ -33,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod load;
 pub mod measure;
 pub mod params;
 pub mod report;
