@@ -1,4 +1,5 @@
-//! The command line: `stall-lab [serve] [flags]`, `stall-lab load`.
+//! The command line: `stall-lab [serve] [flags]`, `stall-lab load`,
+//! `stall-lab experiment`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ enum Command {
     /// Drive traffic at a server: a fixed rate (open loop, latency counted
     /// from when each request was due) or a fixed number of connections.
     Load(crate::load::LoadArgs),
+    /// Measure stall-lab's claims on this machine, on in-process servers,
+    /// and write report.md, report.json and SVG charts.
+    Experiment(crate::experiment::ExperimentArgs),
 }
 
 /// Shown at the end of `stall-lab serve --help`.
@@ -94,6 +98,7 @@ pub fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Load(args)) => return crate::load::main(args),
+        Some(Command::Experiment(args)) => return crate::experiment::main(args),
         None => cli.serve,
     };
     serve(args)
