@@ -83,7 +83,7 @@ pub fn latency(path: &Path, setups: &[RuntimeSetup], beside: &[Beside]) -> DrawR
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
         .draw()?;
