@@ -330,6 +330,10 @@ async fn settle(target: &Target) {
     }
 }
 
+/// The longest claim 6 waits for any one answer: the experiment always
+/// ends, whatever the server does.
+const BOUND: Duration = Duration::from_secs(10);
+
 /// Claim 6: `stalls` times, a [`claims::STALL`] on a keep-alive connection,
 /// and during it a `/healthz` on a new connection at each of
 /// [`claims::PROBE_OFFSETS_MS`]. Counts the probes that waited for the
@@ -376,14 +380,20 @@ async fn strand(
             let target = target.clone();
             probes.push(tokio::spawn(async move {
                 let sent = Instant::now();
-                let mut conn = Conn::open(&target).await?;
-                conn.get(&target, "/healthz").await?;
-                Ok::<_, crate::load::client::Failure>(sent.elapsed())
+                let answered = tokio::time::timeout(BOUND, async {
+                    let mut conn = Conn::open(&target).await?;
+                    conn.get(&target, "/healthz").await
+                })
+                .await;
+                match answered {
+                    Ok(Ok(_)) => Some(sent.elapsed()),
+                    _ => None,
+                }
             }));
         }
         for probe in probes {
             match probe.await? {
-                Ok(latency) => {
+                Some(latency) => {
                     result.probes += 1;
                     let ms = latency.as_secs_f64() * 1000.0;
                     if ms >= claims::STRANDED_MS {
@@ -391,10 +401,12 @@ async fn strand(
                     }
                     result.probe_ms.push(ms);
                 }
-                Err(_) => result.failed += 1,
+                None => result.failed += 1,
             }
         }
-        let (conn, status) = stall.await?;
+        let (conn, status) = tokio::time::timeout(BOUND, stall)
+            .await
+            .context("the stall's request got no answer within 10 s")??;
         status.map_err(|e| anyhow::anyhow!("the stall's request failed: {}", e.label()))?;
         keep_alive = conn;
         bar.inc(1);

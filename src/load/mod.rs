@@ -526,10 +526,23 @@ impl LoadArgs {
                 "--max-connections and --threads must be at least 1".into(),
             ));
         }
-        let addr = tokio::net::lookup_host((host.as_str(), port))
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| BadInput(format!("--url {:?}: cannot resolve {host}: {e}", self.url)))?
-            .next()
+            .collect();
+        // `localhost` may resolve to ::1 first while the server listens on
+        // 127.0.0.1 only: take the first address that accepts a connection,
+        // else the first one (its refusals are then counted, not hidden).
+        let mut reachable = None;
+        for addr in &addrs {
+            let attempt = tokio::net::TcpStream::connect(addr);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
+                reachable = Some(*addr);
+                break;
+            }
+        }
+        let addr = reachable
+            .or(addrs.first().copied())
             .ok_or_else(|| BadInput(format!("--url {:?}: {host} has no address", self.url)))?;
         let authority = if port == 80 {
             host.clone()
