@@ -246,6 +246,22 @@ check(app.get("init") is False, "stall-lab runs without an init shim (binary is 
 check(app["depends_on"]["jaeger"].get("condition") == "service_healthy",
       "stall-lab waits for a healthy jaeger")
 
+# ---- the `load` profile: stall-lab load against the app, only on request
+load = services.get("load", {})
+check(load.get("profiles") == ["load"], "load runs only with --profile load")
+cmd = [str(a) for a in load.get("command", [])]
+check(cmd[:1] == ["load"], "load runs `stall-lab load`")
+url = urllib.parse.urlsplit(cmd[cmd.index("--url") + 1]) if "--url" in cmd else None
+check(url is not None and url.hostname == "stall-lab",
+      "load's --url host is the stall-lab service")
+check(url is not None and url.port == port_of(tcfg["server"]["listen"]),
+      "load's --url port is stall-lab's server.listen port")
+check(("--rate" in cmd) != ("--concurrency" in cmd), "load gives exactly one of --rate, --concurrency")
+check(load.get("image") == app.get("image"), "load uses the stall-lab image")
+check(load.get("depends_on", {}).get("stall-lab", {}).get("condition") == "service_healthy",
+      "load waits for a healthy stall-lab")
+check(not load.get("ports"), "load publishes no ports")
+
 if failures:
     print(f"\n{len(failures)} check(s) failed", file=sys.stderr)
     sys.exit(1)

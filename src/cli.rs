@@ -1,4 +1,5 @@
-//! The command line: `stall-lab [serve] [flags]`.
+//! The command line: `stall-lab [serve] [flags]`, `stall-lab load`,
+//! `stall-lab experiment`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,9 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Flavor, Overrides};
 
-/// Exit code for bad configuration or bad flags (clap uses 2 for usage errors
-/// too, so scripts can treat every "you asked for something invalid" alike).
-pub const EXIT_BAD_CONFIG: u8 = 2;
+use crate::error::EXIT_BAD_CONFIG;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +34,12 @@ pub struct Cli {
 enum Command {
     /// Run the scenario server (the default command).
     Serve(ServeArgs),
+    /// Drive traffic at a server: a fixed rate (open loop, latency counted
+    /// from when each request was due) or a fixed number of connections.
+    Load(crate::load::LoadArgs),
+    /// Measure stall-lab's claims on this machine, on in-process servers,
+    /// and write report.md, report.json and SVG charts.
+    Experiment(crate::experiment::ExperimentArgs),
 }
 
 /// Shown at the end of `stall-lab serve --help`.
@@ -90,6 +95,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Load(args)) => return crate::load::main(args),
+        Some(Command::Experiment(args)) => return crate::experiment::main(args),
         None => cli.serve,
     };
     serve(args)

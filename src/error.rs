@@ -9,6 +9,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// Exit code for bad configuration, bad flags or bad input (clap uses 2 for
+/// usage errors too, so scripts can treat every "you asked for something
+/// invalid" alike).
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// A query parameter is missing, malformed or out of range (400).

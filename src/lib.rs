@@ -22,6 +22,10 @@
 //!   stall records and `executor.stall` spans.
 //! - [`admin`]: the admin server on its own thread and runtime: dashboard,
 //!   `/debug/runtime`, `/debug/stalls`, `/debug/events`.
+//! - [`load`]: `stall-lab load`, the load generator (open loop with
+//!   coordinated-omission correction, or closed loop; HdrHistogram).
+//! - [`experiment`]: `stall-lab experiment`, the claims measured on
+//!   in-process servers, written as a report with charts.
 //! - [`params`], [`budget`], [`error`], [`state`], [`cpu`]: the handlers'
 //!   toolbox: validated `ms`/`n`, the stall budget, the JSON error shape,
 //!   shared state, and time-bounded CPU work.
@@ -34,6 +38,8 @@ pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod experiment;
+pub mod load;
 pub mod measure;
 pub mod net;
 pub mod params;

@@ -150,7 +150,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
 
 /// The stall watcher's settings, from the `stall.*` keys; trace links only
 /// when traces are exported (a link to a trace never sent would confuse).
-fn watch_config(config: &crate::config::Config) -> stall_watch::Config {
+pub(crate) fn watch_config(config: &crate::config::Config) -> stall_watch::Config {
     let stall = &config.stall;
     let mut watch = stall_watch::Config::default()
         .threshold(Duration::from_millis(stall.threshold_ms))

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const STALL_LAB: &[&str] = &[
     "error",
     "net",
+    "load",
     "cpu",
     "arrival",
     "shutdown",
@@ -27,6 +28,7 @@ const STALL_LAB: &[&str] = &[
     "app",
     "admin",
     "server",
+    "experiment",
     "cli",
 ];
 

@@ -7,6 +7,7 @@
 
 mod compose;
 mod config;
+mod experiment;
 mod helpers;
 mod lessons;
 mod otlp_support;
