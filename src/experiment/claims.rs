@@ -199,7 +199,7 @@ impl Row {
     }
 }
 
-/// The claims, as the issue and the README state them.
+/// The claims, as the README states them.
 pub const TITLES: [&str; 6] = [
     "a blocking handler stalls everyone on its worker",
     "IO-bound work scales with concurrency; blocking work stops at workers ÷ duration",

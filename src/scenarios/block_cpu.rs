@@ -15,6 +15,9 @@
 //!   `/block/sleep` the thread is on-CPU for the whole stall (the stall
 //!   watcher classifies it so).
 //! - tokio-console: `GET /block/cpu` Busy for `ms`, Polls = 1.
+//! - The dashboard, `/debug/stalls` and the log, while it computes: the held
+//!   worker's stack, inside `stall_lab::cpu::burn` (src/cpu.rs) called from
+//!   this handler.
 //! - The fixed twins: `/coop/cpu` (same work in slices, yielding between) and
 //!   `/offload/cpu` (same work on the blocking pool).
 

@@ -19,6 +19,11 @@
 //!   (README, "A free worker is not enough").
 //! - tokio-console: a task `GET /block/sleep` that is Busy for the whole
 //!   `ms` with Polls = 1; past 1 s the console warns it has never yielded.
+//! - The dashboard, `/debug/stalls` and the log, while it sleeps: the held
+//!   worker's stack, `std::thread::sleep` called from the line below in
+//!   this file (`stall over: … by GET /block/sleep at
+//!   src/scenarios/block_sleep.rs:NN in std::thread::functions::sleep`);
+//!   Jaeger shows the same line as the `executor.stall` span's `code.*`.
 //! - The fixed twin is `/coop/sleep`.
 
 use std::time::Duration;
