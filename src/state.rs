@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicUsize;
 
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, Flavor, LimitsConfig};
+use crate::config::{Config, Flavor, LimitsConfig, ServerConfig};
 use crate::stall::{Culprit, Monitor};
 use crate::telemetry::ConsoleBudget;
 
@@ -25,6 +25,9 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub limits: LimitsConfig,
+    /// `[server]`: `server::run` takes its connection limits from here
+    /// (header read timeout, connection cap, largest request head).
+    pub server: ServerConfig,
     /// The stall budget: one semaphore shared by every stalling route, so it
     /// bounds them *together*. (A `ConcurrencyLimitLayer` on each route would
     /// not: every clone of that layer gets its own semaphore.)
@@ -133,6 +136,7 @@ impl AppState {
             .collect();
         AppState(Arc::new(Shared {
             limits: config.limits.clone(),
+            server: config.server.clone(),
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
             flavor: config.runtime.flavor,
             workers: config.runtime.effective_workers(),

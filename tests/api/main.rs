@@ -5,6 +5,7 @@
 // Helpers are `pub` for the sibling modules; the crate is a test binary.
 #![allow(unreachable_pub)]
 
+mod clients;
 mod compose;
 mod config;
 mod helpers;
