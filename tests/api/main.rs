@@ -8,6 +8,7 @@
 mod clients;
 mod compose;
 mod config;
+mod faults;
 mod helpers;
 mod lessons;
 mod otlp_support;
