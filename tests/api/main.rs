@@ -10,6 +10,7 @@ mod compose;
 mod config;
 mod faults;
 mod helpers;
+mod input;
 mod lessons;
 mod otlp_support;
 mod scenarios;
