@@ -12,6 +12,7 @@ mod faults;
 mod helpers;
 mod input;
 mod lessons;
+mod load;
 mod otlp_support;
 mod scenarios;
 mod shutdown;
