@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::helpers::TestApp;
 use crate::otlp_support::Receiver;
 
 const CLIENTS: usize = 32;
@@ -135,6 +136,69 @@ impl Tally {
     }
 }
 
+/// Starts the mix: `CLIENTS` clients and the bursts, noting every answer in
+/// `tally`. Errors once `stopping` is set count as refused; every task
+/// ends once `stop` is set.
+fn start_mix(
+    app: &TestApp,
+    tally: &Arc<Mutex<Tally>>,
+    stopping: &Arc<AtomicBool>,
+    stop_clients: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (tally, stopping, stop) = (tally.clone(), stopping.clone(), stop_clients.clone());
+            let base = app.url("");
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            tokio::spawn(async move {
+                // A cheap deterministic spread of picks per client.
+                let mut pick = i * 7919;
+                while !stop.load(Ordering::Relaxed) {
+                    pick = pick.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    let path = MIX[(pick >> 8) % MIX.len()];
+                    let start = Instant::now();
+                    let answer = seen(client.get(format!("{base}{path}")).send().await);
+                    let took = start.elapsed();
+                    let refused =
+                        matches!(answer, Seen::Error(_)) && stopping.load(Ordering::Relaxed);
+                    tally.lock().unwrap().note(path, answer, took, refused);
+                    tokio::time::sleep(THINK).await;
+                }
+            })
+        })
+        .collect();
+
+    // Every 2 s, a burst of 64 stalling requests at once: past the budget of
+    // 32 whatever the mix is doing.
+    tasks.push({
+        let (tally, stopping, stop) = (tally.clone(), stopping.clone(), stop_clients.clone());
+        let url = app.url(BURST);
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                let burst = (0..BURST_SIZE).map(|_| {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move {
+                        let start = Instant::now();
+                        let answer = seen(client.get(&url).send().await);
+                        (answer, start.elapsed())
+                    }
+                });
+                for (answer, took) in futures::future::join_all(burst).await {
+                    let refused =
+                        matches!(answer, Seen::Error(_)) && stopping.load(Ordering::Relaxed);
+                    tally.lock().unwrap().note(BURST, answer, took, refused);
+                }
+            }
+        })
+    });
+    tasks
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -161,57 +225,7 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stopping = Arc::new(AtomicBool::new(false));
     let stop_clients = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (tally, stopping, stop) = (tally.clone(), stopping.clone(), stop_clients.clone());
-            let base = app.url("");
-            let client = reqwest::Client::builder().no_proxy().build().unwrap();
-            tokio::spawn(async move {
-                // A cheap deterministic spread of picks per client.
-                let mut pick = i * 7919;
-                while !stop.load(Ordering::Relaxed) {
-                    pick = pick.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                    let path = MIX[(pick >> 8) % MIX.len()];
-                    let start = Instant::now();
-                    let answer = seen(client.get(format!("{base}{path}")).send().await);
-                    let took = start.elapsed();
-                    let refused =
-                        matches!(answer, Seen::Error(_)) && stopping.load(Ordering::Relaxed);
-                    tally.lock().unwrap().note(path, answer, took, refused);
-                    tokio::time::sleep(THINK).await;
-                }
-            })
-        })
-        .collect();
-
-    // Every 2 s, a burst of 64 stalling requests at once: past the budget of
-    // 32 whatever the mix is doing.
-    let bursts = {
-        let (tally, stopping, stop) = (tally.clone(), stopping.clone(), stop_clients.clone());
-        let url = app.url(BURST);
-        tokio::spawn(async move {
-            let client = reqwest::Client::builder().no_proxy().build().unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                if stopping.load(Ordering::Relaxed) {
-                    break;
-                }
-                let burst = (0..BURST_SIZE).map(|_| {
-                    let (client, url) = (client.clone(), url.clone());
-                    async move {
-                        let start = Instant::now();
-                        let answer = seen(client.get(&url).send().await);
-                        (answer, start.elapsed())
-                    }
-                });
-                for (answer, took) in futures::future::join_all(burst).await {
-                    let refused =
-                        matches!(answer, Seen::Error(_)) && stopping.load(Ordering::Relaxed);
-                    tally.lock().unwrap().note(BURST, answer, took, refused);
-                }
-            }
-        })
-    };
+    let tasks = start_mix(&app, &tally, &stopping, &stop_clients);
 
     let length = seconds();
     tokio::time::sleep(length).await;
@@ -223,9 +237,8 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
     let status = tokio::task::block_in_place(|| app.terminate(GRACE + Duration::from_secs(10)));
     let exit = start.elapsed();
     stop_clients.store(true, Ordering::Relaxed);
-    let _ = tokio::time::timeout(Duration::from_secs(10), bursts).await;
-    for client in clients {
-        let _ = tokio::time::timeout(Duration::from_secs(10), client).await;
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
     let logs = app.logs_at_exit();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{logs}");
@@ -331,5 +344,99 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
     assert_eq!(
         missing, 0,
         "{missing} of {ok} answered requests have no span at the collector"
+    );
+}
+
+/// The soak: the same mix for 10 minutes (`STALL_LAB_SOAK_SECS`) with a
+/// tokio-console client attached the whole time, sampling the server's
+/// VmRSS every 10 s. A benchmark, not a CI test (`--ignored`):
+///
+/// ```text
+/// cargo test --test api soak -- --ignored --nocapture
+/// ```
+///
+/// It prints the RSS series; memory must plateau: the last third of the run
+/// grows by at most 20 MiB over its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 10-minute benchmark"]
+async fn soak_with_tokio_console_attached() {
+    let _exclusive = crate::helpers::exclusive().await;
+    let length = Duration::from_secs_f64(
+        std::env::var("STALL_LAB_SOAK_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600.0),
+    );
+    let collector = Receiver::start("http/protobuf");
+    let mut app = crate::telemetry::traced_app(
+        &collector,
+        &["--workers", "2"],
+        &[("STALL_LAB__RUNTIME__MAX_BLOCKING_THREADS", "4")],
+    );
+    let console: std::net::SocketAddr = app.listeners["console"]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let attached = tokio::spawn(crate::otlp_support::console_view(
+        console,
+        |_| false,
+        length + Duration::from_secs(5),
+    ));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = start_mix(&app, &tally, &stopping, &stop);
+    let start = Instant::now();
+    let mut series = Vec::new();
+    while start.elapsed() < length {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let rss = crate::faults::rss_kib(app.pid()).unwrap_or(0) as f64 / 1024.0;
+        eprintln!(
+            "soak {:>4.0} s: RSS {rss:.1} MiB",
+            start.elapsed().as_secs_f64()
+        );
+        series.push(rss);
+    }
+    stop.store(true, Ordering::Relaxed);
+    stopping.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    let status = tokio::task::block_in_place(|| app.terminate(Duration::from_secs(15)));
+    let view = attached.await.unwrap();
+    let t = tally.lock().unwrap();
+    let total: u64 = t.statuses.values().sum();
+    let budget = app
+        .logs()
+        .lines()
+        .filter(|l| l.contains("console_task_budget"))
+        .count();
+    let third = series.len() / 3;
+    let (late_start, late_max) = (
+        series[series.len() - third],
+        series[series.len() - third..]
+            .iter()
+            .copied()
+            .fold(0.0, f64::max),
+    );
+    eprintln!(
+        "soak: {length:?}, {total} answers, {} problem(s); console saw {} named task(s); \
+         RSS first {:.1} MiB, max {:.1} MiB, last {:.1} MiB; last third {late_start:.1} -> max {late_max:.1} MiB; \
+         {budget} console budget notice(s)",
+        t.problems.len(),
+        view.tasks.len(),
+        series[0],
+        series.iter().copied().fold(0.0, f64::max),
+        series[series.len() - 1],
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(
+        t.problems.is_empty(),
+        "{:?}",
+        &t.problems[..t.problems.len().min(10)]
+    );
+    assert!(
+        late_max - late_start <= 20.0,
+        "RSS still growing: {late_start:.1} -> {late_max:.1} MiB over the last third"
     );
 }
