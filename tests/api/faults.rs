@@ -189,6 +189,9 @@ struct Figures {
     rss_max_mib: f64,
     resume: Option<Duration>,
     warnings: usize,
+    /// Dropped by the first outage, from its recovery line (none if it
+    /// never counted as one).
+    dropped_in_outage: Option<u64>,
     exported: u64,
     dropped: u64,
     exit_after_sigterm: Duration,
@@ -219,8 +222,11 @@ fn shutdown_counts(logs: &str) -> (u64, u64) {
     (exported, dropped)
 }
 
-async fn run_with(fault: Fault, extra_env: &[(&str, &str)]) -> Figures {
-    let collector = ScriptedCollector::start();
+async fn run_with(fault: Fault, protocol: &str, extra_env: &[(&str, &str)]) -> Figures {
+    let collector = match protocol {
+        "grpc" => ScriptedCollector::start_grpc(),
+        _ => ScriptedCollector::start(),
+    };
     let endpoint = collector.endpoint();
     let grace = GRACE.as_millis().to_string();
     let delay = BATCH_DELAY.as_millis().to_string();
@@ -231,7 +237,7 @@ async fn run_with(fault: Fault, extra_env: &[(&str, &str)]) -> Figures {
         ("STALL_LAB__TELEMETRY__BATCH_DELAY_MS", delay.as_str()),
         ("STALL_LAB__SERVER__SHUTDOWN_GRACE_MS", grace.as_str()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", collector.protocol),
     ];
     env.extend_from_slice(extra_env);
     let mut app = spawn_app(&["--workers", "2"], &env);
@@ -254,11 +260,16 @@ async fn run_with(fault: Fault, extra_env: &[(&str, &str)]) -> Figures {
         .iter()
         .find(|e| e.received >= back)
         .map(|e| e.received - back);
-    let warnings = app
-        .logs()
+    let logs = app.logs();
+    let warnings = logs
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("OTLP export"))
         .count();
+    // The recovery line counts what the outage cost: `(N dropped so far)`.
+    let dropped_in_outage = logs
+        .lines()
+        .find(|l| l.contains("recovered; spans are flowing again"))
+        .and_then(|l| l.split('(').nth(1)?.split_whitespace().next()?.parse().ok());
 
     // The fault again, and SIGTERM under load.
     tokio::task::block_in_place(|| fault.begin(&collector));
@@ -288,6 +299,7 @@ async fn run_with(fault: Fault, extra_env: &[(&str, &str)]) -> Figures {
         rss_max_mib: rss_max as f64 / 1024.0,
         resume,
         warnings,
+        dropped_in_outage,
         exported,
         dropped,
         exit_after_sigterm,
@@ -295,14 +307,15 @@ async fn run_with(fault: Fault, extra_env: &[(&str, &str)]) -> Figures {
 }
 
 /// Runs `fault`, prints its figures, and checks them.
-async fn the_server_holds_under(fault: Fault, extra_env: &[(&str, &str)]) {
+async fn the_server_holds_under(fault: Fault, protocol: &str, extra_env: &[(&str, &str)]) {
     let _exclusive = crate::helpers::exclusive().await;
-    let f = run_with(fault, extra_env).await;
+    let f = run_with(fault, protocol, extra_env).await;
     let ratio = f.fault_rps / f.healthy_rps;
     eprintln!(
-        "collector fault {fault:?}: {:.0} req/s healthy, {:.0} with the fault ({:.1} %), {:.0} after; \
+        "collector fault {fault:?} ({protocol}): {:.0} req/s healthy, {:.0} with the fault ({:.1} %), {:.0} after; \
          RSS {:.1} MiB -> max {:.1} MiB (+{:.1}); exports resumed {:?} after the collector returned; \
-         {} warning(s); {} span(s) exported, {} dropped; exit {:?} after SIGTERM",
+         {} warning(s); {:?} span(s) dropped by the outage; at exit {} span(s) exported, {} dropped \
+         (the second fault included); exit {:?} after SIGTERM",
         f.healthy_rps,
         f.fault_rps,
         ratio * 100.0,
@@ -312,6 +325,7 @@ async fn the_server_holds_under(fault: Fault, extra_env: &[(&str, &str)]) {
         f.rss_max_mib - f.rss_start_mib,
         f.resume,
         f.warnings,
+        f.dropped_in_outage,
         f.exported,
         f.dropped,
         f.exit_after_sigterm,
@@ -357,22 +371,39 @@ async fn the_server_holds_under(fault: Fault, extra_env: &[(&str, &str)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_refusing_connections() {
-    the_server_holds_under(Fault::Refusing, &[]).await;
+    the_server_holds_under(Fault::Refusing, "http/protobuf", &[]).await;
 }
 
 /// The exporter's timeout is what frees the export thread from a
 /// blackhole; 3 s here (the spec's default, 10 s, behaves the same, slower).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_collector() {
-    the_server_holds_under(Fault::Blackhole, &[("OTEL_EXPORTER_OTLP_TIMEOUT", "3000")]).await;
+    the_server_holds_under(
+        Fault::Blackhole,
+        "http/protobuf",
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "3000")],
+    )
+    .await;
+}
+
+/// Over gRPC the export runs on the `otlp-grpc` runtime under a tokio
+/// timeout of the same length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_grpc_collector() {
+    the_server_holds_under(
+        Fault::Blackhole,
+        "grpc",
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "3000")],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_collector() {
-    the_server_holds_under(Fault::Slow, &[]).await;
+    the_server_holds_under(Fault::Slow, "http/protobuf", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_killed_mid_export_and_restarted() {
-    the_server_holds_under(Fault::KilledMidExport, &[]).await;
+    the_server_holds_under(Fault::KilledMidExport, "http/protobuf", &[]).await;
 }

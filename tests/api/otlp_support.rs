@@ -357,6 +357,8 @@ enum Control {
 /// and runtime.
 pub struct ScriptedCollector {
     pub addr: SocketAddr,
+    /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value it speaks.
+    pub protocol: &'static str,
     pub store: SpanStore,
     pub exports: Arc<Mutex<Vec<ExportSeen>>>,
     behaviour: Arc<tokio::sync::watch::Sender<Behaviour>>,
@@ -424,6 +426,36 @@ impl ScriptedCollector {
         });
         Self {
             addr,
+            protocol: "http/protobuf",
+            store,
+            exports,
+            behaviour,
+            control,
+        }
+    }
+
+    /// The same over gRPC, for the behaviours only: [`Self::kill`] and
+    /// [`Self::restart`] are http/protobuf's.
+    pub fn start_grpc() -> Self {
+        let store = SpanStore::default();
+        let exports = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(tokio::sync::watch::Sender::new(Behaviour::Healthy));
+        let (control, _) = tokio::sync::mpsc::unbounded_channel();
+        let service = ScriptedGrpc {
+            store: store.clone(),
+            exports: exports.clone(),
+            behaviour: behaviour.clone(),
+        };
+        let addr = spawn_server("scripted-grpc-collector", move |listener| async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            protocol: "grpc",
             store,
             exports,
             behaviour,
@@ -471,6 +503,49 @@ impl ScriptedCollector {
     }
 }
 
+/// Waits as `behaviour` says before an export is answered.
+async fn behave(behaviour: &tokio::sync::watch::Sender<Behaviour>) {
+    let mut now = behaviour.subscribe();
+    loop {
+        let current = *now.borrow_and_update();
+        match current {
+            Behaviour::Healthy => return,
+            Behaviour::Blackhole => {
+                let _ = now.changed().await;
+            }
+            Behaviour::Slow(delay) => {
+                let healthy = now.wait_for(|b| *b == Behaviour::Healthy);
+                let _ = tokio::time::timeout(delay, healthy).await;
+                return;
+            }
+        }
+    }
+}
+
+struct ScriptedGrpc {
+    store: SpanStore,
+    exports: Arc<Mutex<Vec<ExportSeen>>>,
+    behaviour: Arc<tokio::sync::watch::Sender<Behaviour>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for ScriptedGrpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let received = Instant::now();
+        behave(&self.behaviour).await;
+        let spans = flatten(request.into_inner());
+        self.exports.lock().unwrap().push(ExportSeen {
+            received,
+            spans: spans.len(),
+        });
+        self.store.push_all(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
 fn scripted_receiver(
     store: SpanStore,
     exports: Arc<Mutex<Vec<ExportSeen>>>,
@@ -487,21 +562,7 @@ fn scripted_receiver(
                 let received = Instant::now();
                 let req = ExportTraceServiceRequest::decode(body)
                     .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-                let mut now = behaviour.subscribe();
-                loop {
-                    let current = *now.borrow_and_update();
-                    match current {
-                        Behaviour::Healthy => break,
-                        Behaviour::Blackhole => {
-                            let _ = now.changed().await;
-                        }
-                        Behaviour::Slow(delay) => {
-                            let healthy = now.wait_for(|b| *b == Behaviour::Healthy);
-                            let _ = tokio::time::timeout(delay, healthy).await;
-                            break;
-                        }
-                    }
-                }
+                behave(&behaviour).await;
                 let spans = flatten(req);
                 exports.lock().unwrap().push(ExportSeen {
                     received,
