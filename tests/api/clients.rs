@@ -294,6 +294,20 @@ async fn idle_keep_alive_connections_do_not_hold_shutdown() {
 }
 
 #[test]
+fn the_connection_limits_are_checked_at_startup() {
+    for (key, bad) in [
+        ("STALL_LAB__SERVER__MAX_HEADER_BYTES", "100"),
+        ("STALL_LAB__SERVER__MAX_CONNECTIONS", "0"),
+        ("STALL_LAB__SERVER__HEADER_READ_TIMEOUT_MS", "0"),
+    ] {
+        let output = run_to_end(&["serve"], &[(key, bad)]);
+        assert_eq!(output.status.code(), Some(2), "{key}={bad}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(key), "{key}={bad}: {stderr}");
+    }
+}
+
+#[test]
 fn every_listener_binds_loopback_by_default() {
     // The built-in defaults, with nothing overriding the addresses.
     let output = run_to_end(

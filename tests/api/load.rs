@@ -367,11 +367,19 @@ async fn soak_with_tokio_console_attached() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(600.0),
     );
+    let retention = std::env::var("STALL_LAB_SOAK_RETENTION").unwrap_or_else(|_| "300s".into());
     let collector = Receiver::start("http/protobuf");
     let mut app = crate::telemetry::traced_app(
         &collector,
         &["--workers", "2"],
-        &[("STALL_LAB__RUNTIME__MAX_BLOCKING_THREADS", "4")],
+        &[
+            ("STALL_LAB__RUNTIME__MAX_BLOCKING_THREADS", "4"),
+            // The console keeps what it recorded for its retention, so its
+            // memory can only level off after one: 5 minutes here, so the
+            // last third of a 10-minute soak is past it
+            // (`STALL_LAB_SOAK_RETENTION`, in console syntax: `300s`, `10m`).
+            ("TOKIO_CONSOLE_RETENTION", retention.as_str()),
+        ],
     );
     let console: std::net::SocketAddr = app.listeners["console"]
         .trim_start_matches("http://")
@@ -390,7 +398,17 @@ async fn soak_with_tokio_console_attached() {
     let mut series = Vec::new();
     while start.elapsed() < length {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let rss = crate::faults::rss_kib(app.pid()).unwrap_or(0) as f64 / 1024.0;
+        let Some(rss) = crate::faults::rss_kib(app.pid()) else {
+            let status = app.wait(Duration::from_secs(1));
+            let logs = app.logs();
+            let tail: Vec<_> = logs.lines().rev().take(30).collect();
+            panic!(
+                "the server is gone after {:?} ({status:?}); its last log lines, newest first:\n{}",
+                start.elapsed(),
+                tail.join("\n")
+            );
+        };
+        let rss = rss as f64 / 1024.0;
         eprintln!(
             "soak {:>4.0} s: RSS {rss:.1} MiB",
             start.elapsed().as_secs_f64()
