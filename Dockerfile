@@ -107,9 +107,11 @@ USER 10001:10001
 # 3000 scenario server, 3001 admin server, 6669 tokio-console (console-subscriber).
 EXPOSE 3000 3001 6669
 
-# Same probe as the compose healthcheck, so a plain `docker run` is covered too.
+# Same probe as the compose healthcheck, so a plain `docker run` is covered too:
+# the admin server's /healthz (3001), never the app's, whose probes would be
+# traced requests and victims of the stalls fired on purpose.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["curl", "-fsS", "http://127.0.0.1:3000/healthz"]
+    CMD ["curl", "-fsS", "http://127.0.0.1:3001/healthz"]
 
 # SIGTERM is what `docker stop` sends; stated explicitly because the shutdown
 # path (stop accepting, drain for shutdown_grace_ms, flush OTLP spans) hangs

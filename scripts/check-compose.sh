@@ -113,6 +113,7 @@ echo "ok"
 step "3. config/jaeger.yaml  4. config/docker.toml + cross-file consistency"
 python3 - <<'PY'
 import os
+import re
 import sys
 import urllib.parse
 
@@ -235,8 +236,21 @@ check(any(str(v).startswith("./config/docker.toml:/etc/stall-lab/docker.toml") f
       "config/docker.toml is mounted at /etc/stall-lab/docker.toml")
 check(str(port_of(health_ep)) in " ".join(jaeger["healthcheck"]["test"]),
       f"jaeger healthcheck probes the healthcheckv2 port {port_of(health_ep)}")
-check(f":{port_of(tcfg['server']['listen'])}/healthz" in " ".join(app["healthcheck"]["test"]),
-      "stall-lab healthcheck probes /healthz on the server port")
+# The probe goes to the admin server: on the app server every 10 s probe is a
+# traced request (an idle stack fills Jaeger's trace memory with probe traces,
+# and probes show up as victims in the walkthrough), and it is the app's
+# workers the lesson stalls on purpose.
+admin_port = port_of(tcfg["admin"]["listen"])
+app_port = port_of(tcfg["server"]["listen"])
+check(f":{admin_port}/healthz" in " ".join(app["healthcheck"]["test"]),
+      f"stall-lab healthcheck probes the admin server's /healthz (port {admin_port})")
+check(f":{app_port}/" not in " ".join(app["healthcheck"]["test"]),
+      "stall-lab healthcheck does not probe the app server")
+with open("Dockerfile") as f:
+    dockerfile = f.read()
+hc = re.search(r"^HEALTHCHECK(?:[^\n]*\\\n)*[^\n]*", dockerfile, re.M)
+check(hc is not None and f":{admin_port}/healthz" in hc.group(0),
+      f"Dockerfile HEALTHCHECK probes the admin server's /healthz (port {admin_port})")
 for name, svc in services.items():
     for v in svc.get("volumes", []):
         source = str(v).split(":")[0]

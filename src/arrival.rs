@@ -22,8 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
 use nix::sys::time::TimeSpec;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -64,12 +62,6 @@ impl Arrival {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
         Some(now.saturating_sub(Duration::from_nanos(at)))
-    }
-}
-
-impl Connected<IncomingStream<'_, ArrivalListener>> for Arrival {
-    fn connect_info(stream: IncomingStream<'_, ArrivalListener>) -> Self {
-        stream.remote_addr().clone()
     }
 }
 

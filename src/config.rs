@@ -77,6 +77,15 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How long requests in flight may finish after SIGINT/SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// A connection that has not sent a whole request head this long after
+    /// it started one (or after its previous answer) is closed.
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once; past it the server stops accepting until
+    /// one closes.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes; past it
+    /// the answer is 431 and the connection is closed.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -449,7 +458,7 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
     };
     // Each (key, value, allowed range): a value outside would make the
     // runtime panic or the scenarios meaningless.
-    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 7] = [
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 10] = [
         (
             "runtime.worker_threads",
             c.runtime.worker_threads as u64,
@@ -459,6 +468,22 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
             "runtime.max_blocking_threads",
             c.runtime.max_blocking_threads as u64,
             1..=4096,
+        ),
+        (
+            "server.header_read_timeout_ms",
+            c.server.header_read_timeout_ms,
+            1..=3_600_000,
+        ),
+        (
+            "server.max_connections",
+            c.server.max_connections as u64,
+            1..=1_000_000,
+        ),
+        // hyper's smallest read buffer is 8192 bytes.
+        (
+            "server.max_header_bytes",
+            c.server.max_header_bytes as u64,
+            8192..=1_048_576,
         ),
         ("limits.max_ms", c.limits.max_ms, 1..=3_600_000),
         ("limits.max_fanout", c.limits.max_fanout, 1..=10_000),

@@ -100,6 +100,7 @@ pub fn serve(loaded: Loaded) -> anyhow::Result<()> {
         crate::admin::AdminParts {
             config: config.clone(),
             console: console_budget.clone(),
+            export: config.telemetry.otlp.then(|| telemetry.export_counters()),
             app_url: app_url.clone(),
             workers,
         },
@@ -178,46 +179,118 @@ pub fn announce(name: &str, addr: SocketAddr) {
 
 /// Serves `state`'s application on `listener` until `shutdown` completes, then
 /// lets requests in flight finish for up to `grace`.
+///
+/// Connections are served here rather than by `axum::serve`, which has no
+/// knobs for what a careless or hostile client can do (the `[server]` keys):
+///
+/// - a request head must arrive within `server.header_read_timeout_ms`, so a
+///   client sending a byte a second cannot hold a connection for ever, and an
+///   idle keep-alive connection is closed after as long;
+/// - at most `server.max_connections` are served at once: past it, new ones
+///   wait in the kernel's backlog instead of costing a task and a file each;
+/// - a request head larger than `server.max_header_bytes` gets 431 once that
+///   much is read, never read whole. Bodies are never read at all: no
+///   scenario takes one, and hyper reads a body only when a handler asks.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(state.server.header_read_timeout_ms))
+        // The read buffer stops growing here (hyper answers 431 when a head
+        // does not fit), and a head that fits but is over the limit is 431 too.
+        .max_buf_size(state.server.max_header_bytes.max(MIN_READ_BUFFER))
+        .max_header_size(state.server.max_header_bytes);
+    // One permit per open connection, given back when its task ends.
+    let open = Arc::new(tokio::sync::Semaphore::new(state.server.max_connections));
+    let cap = state.server.max_connections;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut listener = crate::arrival::ArrivalListener::new(listener);
     // For the shutdown log: how many requests were in flight.
-    let at_grace_start = state.clone();
-    let at_grace_end = state.clone();
-    let listener = crate::arrival::ArrivalListener::new(listener);
-    let app = app(state).into_make_service_with_connect_info::<crate::arrival::Arrival>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopping_tx.send(true);
-    });
-    // Starts counting only once shutdown has begun.
-    let grace_expired = async move {
-        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        let waiting = at_grace_start.in_flight.load(Ordering::Relaxed);
-        if waiting > 0 {
-            tracing::info!(
-                "waiting up to {} ms for {waiting} request(s) in flight",
-                grace.as_millis()
-            );
-        }
-        tokio::time::sleep(grace).await;
-    };
+    let in_flight = state.clone();
+    let router = app(state);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut warned_full = false;
+
+    loop {
+        // A permit first, then accept: at the cap, connections wait in the
+        // backlog (the kernel's queue), not in this process.
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if !warned_full {
+                    warned_full = true;
+                    tracing::warn!(
+                        "{cap} connections open (server.max_connections): new ones wait \
+                         until one closes (logged once)"
+                    );
+                }
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    permit = open.clone().acquire_owned() => {
+                        permit.expect("the connection semaphore is never closed")
+                    }
+                }
+            }
+        };
+        let (io, arrival) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        };
+        // What `into_make_service_with_connect_info` did: each request of the
+        // connection carries its `Arrival` (peer and kernel receive time).
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(arrival.clone()));
+                request
+            },
+        );
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // Errors here are the client's doing (a reset, a head too large
+            // or too slow), already answered where HTTP allows: not logged.
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+
+    // Stop accepting: connections arriving from now on are refused.
+    drop(listener);
+    let waiting = in_flight.in_flight.load(Ordering::Relaxed);
+    if waiting > 0 {
+        tracing::info!(
+            "waiting up to {} ms for {waiting} request(s) in flight",
+            grace.as_millis()
+        );
+    }
+    // Idle keep-alive connections close at once; busy ones after their
+    // answer.
     tokio::select! {
-        result = server => {
+        () = graceful.shutdown() => {
             tracing::info!("all connections closed; server stopped");
-            result
         }
-        () = grace_expired => {
+        () = tokio::time::sleep(grace) => {
             tracing::warn!(
                 "shutdown grace of {} ms (server.shutdown_grace_ms) elapsed with {} request(s) still in flight; exiting anyway",
                 grace.as_millis(),
-                at_grace_end.in_flight.load(Ordering::Relaxed)
+                in_flight.in_flight.load(Ordering::Relaxed)
             );
-            Ok(())
         }
     }
+    Ok(())
 }
+
+/// hyper's smallest allowed read buffer (`max_buf_size` panics below it).
+const MIN_READ_BUFFER: usize = 8192;

@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 
 use stall_watch::{Culprit, Tracked, Watch};
 
-use crate::config::{Config, Flavor, LimitsConfig};
+use crate::config::{Config, Flavor, LimitsConfig, ServerConfig};
 use crate::telemetry::ConsoleBudget;
 
 /// Cloned for every request (by the middleware, the router and each
@@ -26,6 +26,9 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub limits: LimitsConfig,
+    /// `[server]`: `server::run` takes its connection limits from here
+    /// (header read timeout, connection cap, largest request head).
+    pub server: ServerConfig,
     /// The stall budget: one semaphore shared by every stalling route, so it
     /// bounds them *together*. (A `ConcurrencyLimitLayer` on each route would
     /// not: every clone of that layer gets its own semaphore.)
@@ -120,6 +123,7 @@ impl AppState {
             .collect();
         AppState(Arc::new(Shared {
             limits: config.limits.clone(),
+            server: config.server.clone(),
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
             flavor: config.runtime.flavor,
             workers: config.runtime.effective_workers(),

@@ -1,7 +1,8 @@
 //! stall-lab's admin server: stall-watch's (dashboard, `/debug/*`, on its
 //! own thread), plus what only stall-lab has: the scenarios and limits in
 //! `/api/info`, the dashboard's fire buttons (`POST /api/fire`), the blocking
-//! pool's size and the console's budget in `/debug/runtime`.
+//! pool's size, the console's budget and the span export's counters in
+//! `/debug/runtime`.
 
 mod fire;
 
@@ -14,13 +15,15 @@ use serde_json::json;
 use stall_watch::{AdminServer, Watch};
 
 use crate::config::Config;
-use crate::telemetry::ConsoleBudget;
+use crate::telemetry::{ConsoleBudget, ExportCounters};
 
 /// What the admin server shows besides the watch itself.
 pub struct AdminParts {
     pub config: Arc<Config>,
     /// tokio-console's task budget and its counters, when the console is on.
     pub console: Option<Arc<ConsoleBudget>>,
+    /// The span export's counters, when OTLP export is on.
+    pub export: Option<ExportCounters>,
     pub app_url: String,
     pub workers: usize,
 }
@@ -30,6 +33,7 @@ pub fn start(watch: &Watch, parts: AdminParts) -> anyhow::Result<AdminServer> {
     let AdminParts {
         config,
         console,
+        export,
         app_url,
         workers,
     } = parts;
@@ -66,6 +70,9 @@ pub fn start(watch: &Watch, parts: AdminParts) -> anyhow::Result<AdminServer> {
                 "max_blocking_threads": max_blocking_threads,
                 // null with the console off.
                 "console": console.as_ref().map(|b| b.snapshot()),
+                // Spans exported, dropped (a collector down, slow or
+                // blackholed), queued; null with OTLP off.
+                "otlp": export.as_ref().map(ExportCounters::snapshot),
             })
         })
         // The admin runtime's tasks (connections, event streams) are

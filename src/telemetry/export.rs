@@ -39,29 +39,83 @@ pub struct ShutdownReport {
     pub failed_exports: u64,
 }
 
+/// The batch queue's size unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise
+/// (the SDK's own default, which it reads from the same variable).
+const DEFAULT_MAX_QUEUE_SIZE: usize = 2048;
+
 #[derive(Debug, Default)]
 pub(super) struct ExportStats {
     /// Sampled spans handed to the batch processor.
     ended: AtomicU64,
+    /// Sampled spans refused at the door because the queue was full.
+    overflowed: AtomicU64,
+    /// Spans taken out of the queue by an export call, whatever its outcome.
+    taken: AtomicU64,
     exported: AtomicU64,
+    /// Spans of the batches whose export failed.
+    failed_spans: AtomicU64,
     failed_batches: AtomicU64,
-    /// True between the first failure and the next success: lets us log one
-    /// warning per outage instead of one per batch.
-    failing: AtomicBool,
+    /// How many spans the queue holds: [`CountingProcessor`] refuses a span
+    /// past it (counting it), so the SDK never drops one uncounted.
+    max_queue: usize,
+    /// True from the first failed export or refused span to the first
+    /// successful export with the queue less than half full: one warning
+    /// per outage (or per spell of a collector too slow to keep up), not
+    /// one per batch.
+    in_trouble: AtomicBool,
 }
 
 impl ExportStats {
+    fn new(max_queue: usize) -> Self {
+        Self {
+            max_queue,
+            ..Self::default()
+        }
+    }
+
+    /// Spans in the queue, not yet taken by an export.
+    fn queued(&self) -> u64 {
+        let taken_or_refused =
+            self.taken.load(Ordering::Relaxed) + self.overflowed.load(Ordering::Relaxed);
+        self.ended
+            .load(Ordering::Relaxed)
+            .saturating_sub(taken_or_refused)
+    }
+
+    /// Admits a sampled span into the queue, or counts it dropped.
+    fn admit(&self) -> bool {
+        if self.queued() >= self.max_queue as u64 {
+            self.overflowed.fetch_add(1, Ordering::Relaxed);
+            if !self.in_trouble.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "OTLP export cannot keep up: the queue of {} spans is full and new spans \
+                     are being dropped (logged once until export catches up)",
+                    self.max_queue
+                );
+            }
+            return false;
+        }
+        self.ended.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     fn record(&self, spans: usize, result: &OTelSdkResult, target: &str) {
         match result {
             Ok(()) => {
                 self.exported.fetch_add(spans as u64, Ordering::Relaxed);
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("OTLP export to {target} recovered; spans are flowing again");
+                if self.queued() < self.max_queue as u64 / 2
+                    && self.in_trouble.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(
+                        "OTLP export to {target} recovered; spans are flowing again ({} dropped so far)",
+                        self.dropped()
+                    );
                 }
             }
             Err(e) => {
                 self.failed_batches.fetch_add(1, Ordering::Relaxed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
+                self.failed_spans.fetch_add(spans as u64, Ordering::Relaxed);
+                if !self.in_trouble.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "OTLP export to {target} failing: {e}; spans are being dropped \
                          (logged once until it recovers)"
@@ -71,13 +125,58 @@ impl ExportStats {
         }
     }
 
+    /// Spans lost so far: refused by a full queue or in a failed batch.
+    fn dropped(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed) + self.failed_spans.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn snapshot(&self) -> ExportSnapshot {
+        ExportSnapshot {
+            exported: self.exported.load(Ordering::Relaxed),
+            dropped: self.dropped(),
+            queued: self.queued(),
+            failed_exports: self.failed_batches.load(Ordering::Relaxed),
+            failing: self.in_trouble.load(Ordering::Relaxed),
+        }
+    }
+
+    /// At the end every span not exported is lost, those still queued too.
     pub(super) fn report(&self) -> ShutdownReport {
         let exported = self.exported.load(Ordering::Relaxed);
+        let seen = self.ended.load(Ordering::Relaxed) + self.overflowed.load(Ordering::Relaxed);
         ShutdownReport {
             exported_spans: exported,
-            dropped_spans: self.ended.load(Ordering::Relaxed).saturating_sub(exported),
+            dropped_spans: seen.saturating_sub(exported),
             failed_exports: self.failed_batches.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The span export's counters while the server runs, for `/debug/runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ExportSnapshot {
+    /// Spans the collector acknowledged.
+    pub exported: u64,
+    /// Spans lost: refused because the queue was full (collector down, slow
+    /// or blackholed for long enough) or in a batch whose export failed.
+    pub dropped: u64,
+    /// Spans waiting in the queue for the next export.
+    pub queued: u64,
+    /// Export calls (batches) that failed.
+    pub failed_exports: u64,
+    /// The collector is failing or not keeping up right now.
+    pub failing: bool,
+}
+
+/// A handle on the span export's counters: cheap to clone, readable from any
+/// thread (the admin server's), never blocking.
+#[derive(Debug, Clone)]
+pub struct ExportCounters(pub(super) Arc<ExportStats>);
+
+impl ExportCounters {
+    /// The counters now. All zero when OTLP export is off.
+    pub fn snapshot(&self) -> ExportSnapshot {
+        self.0.snapshot()
     }
 }
 
@@ -109,6 +208,7 @@ struct CountingExporter {
 impl SpanExporter for CountingExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len();
+        self.stats.taken.fetch_add(n as u64, Ordering::Relaxed);
         let result = match &self.transport {
             Transport::Http(exporter) => exporter.export(batch).await,
             Transport::Grpc {
@@ -174,8 +274,11 @@ impl SpanProcessor for CountingProcessor {
         self.inner.on_start(span, cx);
     }
     fn on_end(&self, span: SpanData) {
-        if span.span_context.is_sampled() {
-            self.stats.ended.fetch_add(1, Ordering::Relaxed);
+        // A sampled span past a full queue is dropped here, counted, rather
+        // than by the SDK, which would drop it uncounted (its own warning is
+        // filtered out of the logs).
+        if span.span_context.is_sampled() && !self.stats.admit() {
+            return;
         }
         self.inner.on_end(span);
     }
@@ -209,7 +312,10 @@ pub(super) fn start(
     info: &ResourceInfo,
     env: EnvLookup<'_>,
 ) -> Result<(Export, String), TelemetryError> {
-    let stats = Arc::new(ExportStats::default());
+    let max_queue = env_nonempty(env, "OTEL_BSP_MAX_QUEUE_SIZE")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_QUEUE_SIZE);
+    let stats = Arc::new(ExportStats::new(max_queue));
     let builder = SdkTracerProvider::builder().with_resource(build_resource(info, env));
     if !cfg.otlp {
         let export = Export {
@@ -334,14 +440,19 @@ mod tests {
 
     #[test]
     fn failure_logged_once_per_outage() {
-        let stats = ExportStats::default();
+        let stats = ExportStats::new(DEFAULT_MAX_QUEUE_SIZE);
         let err: OTelSdkResult = Err(OTelSdkError::InternalFailure("down".into()));
+        for _ in 0..8 {
+            assert!(stats.admit());
+        }
+        stats.taken.store(8, Ordering::Relaxed);
         stats.record(3, &err, "x");
-        assert!(stats.failing.load(Ordering::Relaxed));
+        assert!(stats.in_trouble.load(Ordering::Relaxed));
         stats.record(3, &err, "x"); // no second warning: flag already set
         stats.record(2, &Ok(()), "x");
-        assert!(!stats.failing.load(Ordering::Relaxed), "recovered");
-        stats.ended.store(8, Ordering::Relaxed);
+        assert!(!stats.in_trouble.load(Ordering::Relaxed), "recovered");
+        let live = stats.snapshot();
+        assert_eq!((live.exported, live.dropped, live.queued), (2, 6, 0));
         assert_eq!(
             stats.report(),
             ShutdownReport {
@@ -350,5 +461,28 @@ mod tests {
                 failed_exports: 2
             }
         );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_stays_one_outage_until_it_drains() {
+        let stats = ExportStats::new(4);
+        for _ in 0..4 {
+            assert!(stats.admit());
+        }
+        assert!(!stats.admit(), "the fifth span finds the queue full");
+        assert!(stats.in_trouble.load(Ordering::Relaxed));
+        // A slow export succeeds while the queue is still full: still one
+        // outage.
+        stats.taken.store(1, Ordering::Relaxed);
+        assert!(stats.admit());
+        stats.record(1, &Ok(()), "x");
+        assert!(stats.in_trouble.load(Ordering::Relaxed), "queue still full");
+        // Drained: recovered.
+        stats.taken.store(5, Ordering::Relaxed);
+        stats.record(4, &Ok(()), "x");
+        assert!(!stats.in_trouble.load(Ordering::Relaxed));
+        let live = stats.snapshot();
+        assert_eq!((live.exported, live.dropped, live.queued), (5, 1, 0));
+        assert_eq!(stats.report().dropped_spans, 1);
     }
 }

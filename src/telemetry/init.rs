@@ -94,6 +94,13 @@ impl Telemetry {
         self.console.as_ref().map(|c| c.addr)
     }
 
+    /// The export's live counters (exported, dropped, queued, failing), as a
+    /// handle another thread can keep: for the admin server's
+    /// `/debug/runtime`.
+    pub fn export_counters(&self) -> super::ExportCounters {
+        super::ExportCounters(Arc::clone(&self.export.stats))
+    }
+
     /// Flushes spans that have ended and stops the exporter, waiting at most
     /// `timeout` (+ a small margin). Call it from a plain thread (e.g. `main`
     /// after the app runtime has returned, or `spawn_blocking`), not from an

@@ -5,11 +5,15 @@
 // Helpers are `pub` for the sibling modules; the crate is a test binary.
 #![allow(unreachable_pub)]
 
+mod clients;
 mod compose;
 mod config;
 mod experiment;
+mod faults;
 mod helpers;
+mod input;
 mod lessons;
+mod load;
 mod otlp_support;
 mod scenarios;
 mod shutdown;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -317,4 +317,258 @@ pub async fn console_tasks(
     console_view(addr, |view| done(&view.tasks), timeout)
         .await
         .tasks
+}
+
+/// What a [`ScriptedCollector`] does with each export it receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Answers at once.
+    Healthy,
+    /// Reads the export and never answers, until the behaviour changes
+    /// (then answers it: a network blackhole that ends delivers late).
+    Blackhole,
+    /// Answers each export after this long (or as soon as it is healthy
+    /// again).
+    Slow(Duration),
+}
+
+/// One export a [`ScriptedCollector`] received.
+#[derive(Clone, Copy, Debug)]
+pub struct ExportSeen {
+    pub received: Instant,
+    pub spans: usize,
+}
+
+enum Control {
+    /// Close the listener and every connection, exports in flight included.
+    Kill(std::sync::mpsc::Sender<()>),
+    /// Listen again on the same port.
+    Restart(std::sync::mpsc::Sender<()>),
+}
+
+/// An OTLP http/protobuf receiver that a test scripts: answer normally,
+/// blackhole, answer slowly, or die (port closed, connections reset) and
+/// come back on the same port. Like [`Receiver`], it runs on its own thread
+/// and runtime.
+pub struct ScriptedCollector {
+    pub addr: SocketAddr,
+    /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value it speaks.
+    pub protocol: &'static str,
+    pub store: SpanStore,
+    pub exports: Arc<Mutex<Vec<ExportSeen>>>,
+    behaviour: Arc<tokio::sync::watch::Sender<Behaviour>>,
+    control: tokio::sync::mpsc::UnboundedSender<Control>,
+}
+
+impl ScriptedCollector {
+    pub fn start() -> Self {
+        let store = SpanStore::default();
+        let exports = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(tokio::sync::watch::Sender::new(Behaviour::Healthy));
+        let (control, mut orders) = tokio::sync::mpsc::unbounded_channel();
+        let router = scripted_receiver(store.clone(), exports.clone(), behaviour.clone());
+        let addr = spawn_server("scripted-collector", move |first| async move {
+            let addr = first.local_addr().unwrap();
+            let mut listener = Some(first);
+            loop {
+                let mut connections = tokio::task::JoinSet::new();
+                // Serve until told to die.
+                let done = loop {
+                    let Some(l) = listener.as_ref() else {
+                        break None;
+                    };
+                    tokio::select! {
+                        order = orders.recv() => break order,
+                        accepted = l.accept() => {
+                            let Ok((io, _)) = accepted else { continue };
+                            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                            connections.spawn(async move {
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                                    .await;
+                            });
+                        }
+                    }
+                };
+                match done {
+                    Some(Control::Kill(ack)) => {
+                        listener = None;
+                        connections.shutdown().await;
+                        let _ = ack.send(());
+                    }
+                    Some(Control::Restart(ack)) => {
+                        let _ = ack.send(());
+                    }
+                    None => return,
+                }
+                // Dead: wait for a restart (or another kill).
+                while listener.is_none() {
+                    match orders.recv().await {
+                        Some(Control::Restart(ack)) => {
+                            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                            socket.set_reuseaddr(true).unwrap();
+                            socket.bind(addr).expect("rebind the collector's port");
+                            listener = Some(socket.listen(1024).unwrap());
+                            let _ = ack.send(());
+                        }
+                        Some(Control::Kill(ack)) => {
+                            let _ = ack.send(());
+                        }
+                        None => return,
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            protocol: "http/protobuf",
+            store,
+            exports,
+            behaviour,
+            control,
+        }
+    }
+
+    /// The same over gRPC, for the behaviours only: [`Self::kill`] and
+    /// [`Self::restart`] are http/protobuf's.
+    pub fn start_grpc() -> Self {
+        let store = SpanStore::default();
+        let exports = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(tokio::sync::watch::Sender::new(Behaviour::Healthy));
+        let (control, _) = tokio::sync::mpsc::unbounded_channel();
+        let service = ScriptedGrpc {
+            store: store.clone(),
+            exports: exports.clone(),
+            behaviour: behaviour.clone(),
+        };
+        let addr = spawn_server("scripted-grpc-collector", move |listener| async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            protocol: "grpc",
+            store,
+            exports,
+            behaviour,
+            control,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        self.behaviour.send_replace(behaviour);
+    }
+
+    /// Closes the port (connections are refused) and resets every
+    /// connection, exports in flight included. Returns once done.
+    pub fn kill(&self) {
+        let (ack, done) = std::sync::mpsc::channel();
+        self.control.send(Control::Kill(ack)).unwrap();
+        done.recv().unwrap();
+    }
+
+    /// Listens on the same port again. Returns once it does.
+    pub fn restart(&self) {
+        let (ack, done) = std::sync::mpsc::channel();
+        self.control.send(Control::Restart(ack)).unwrap();
+        done.recv().unwrap();
+    }
+
+    /// Exports received so far.
+    pub fn exports(&self) -> Vec<ExportSeen> {
+        self.exports.lock().unwrap().clone()
+    }
+
+    /// How many distinct spans arrived (an export answered late may repeat
+    /// one the exporter had given up on and sent again).
+    pub fn distinct_spans(&self) -> usize {
+        let spans = self.store.0.lock().unwrap();
+        spans
+            .iter()
+            .map(|s| s.span_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+}
+
+/// Waits as `behaviour` says before an export is answered.
+async fn behave(behaviour: &tokio::sync::watch::Sender<Behaviour>) {
+    let mut now = behaviour.subscribe();
+    loop {
+        let current = *now.borrow_and_update();
+        match current {
+            Behaviour::Healthy => return,
+            Behaviour::Blackhole => {
+                let _ = now.changed().await;
+            }
+            Behaviour::Slow(delay) => {
+                let healthy = now.wait_for(|b| *b == Behaviour::Healthy);
+                let _ = tokio::time::timeout(delay, healthy).await;
+                return;
+            }
+        }
+    }
+}
+
+struct ScriptedGrpc {
+    store: SpanStore,
+    exports: Arc<Mutex<Vec<ExportSeen>>>,
+    behaviour: Arc<tokio::sync::watch::Sender<Behaviour>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for ScriptedGrpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let received = Instant::now();
+        behave(&self.behaviour).await;
+        let spans = flatten(request.into_inner());
+        self.exports.lock().unwrap().push(ExportSeen {
+            received,
+            spans: spans.len(),
+        });
+        self.store.push_all(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn scripted_receiver(
+    store: SpanStore,
+    exports: Arc<Mutex<Vec<ExportSeen>>>,
+    behaviour: Arc<tokio::sync::watch::Sender<Behaviour>>,
+) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use prost::Message;
+
+    axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (store, exports, behaviour) = (store.clone(), exports.clone(), behaviour.clone());
+            async move {
+                let received = Instant::now();
+                let req = ExportTraceServiceRequest::decode(body)
+                    .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+                behave(&behaviour).await;
+                let spans = flatten(req);
+                exports.lock().unwrap().push(ExportSeen {
+                    received,
+                    spans: spans.len(),
+                });
+                store.push_all(spans);
+                Ok::<_, (StatusCode, String)>((
+                    [(header::CONTENT_TYPE, "application/x-protobuf")],
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                ))
+            }
+        }),
+    )
 }
