@@ -23,6 +23,8 @@ fn main() -> std::io::Result<()> {
     let app_addr = env_or("APP_ADDR", "127.0.0.1:3000");
     let admin_addr = env_or("ADMIN_ADDR", "127.0.0.1:3001");
     let workers = env_or("WORKERS", "2");
+    // stall-watch logs through `tracing`: any subscriber shows its lines.
+    tracing_subscriber::fmt().init();
 
     let watch = stall_watch::Watch::new(stall_watch::Config::default()); // stall-watch
     let runtime = watch // stall-watch

@@ -113,6 +113,44 @@ async fn a_plain_axum_service_names_its_stall_live_and_its_admin_answers_through
         started.elapsed()
     );
 
+    // And the line that holds the worker, once the stack is in (the first
+    // stack of a process waits for the debug info to be read; should that
+    // outlast the stall, the filed stall has it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stack = loop {
+        let stalls: Value = client
+            .get(format!("{}/debug/stalls", example.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(stack) = stalls["in_progress"][0]["stack"]
+            .as_array()
+            .or_else(|| stalls["recent"][0]["stack"].as_array())
+        {
+            break stack.clone();
+        }
+        assert!(Instant::now() < deadline, "no stack: {stalls}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let top = stack
+        .iter()
+        .find(|f| f["user_code"] == true)
+        .unwrap_or_else(|| panic!("no frame of the example's own: {stack:?}"));
+    assert!(
+        top["function"].as_str().unwrap().contains("render_report"),
+        "{top}"
+    );
+    assert!(
+        top["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("examples/axum_app.rs"),
+        "{top}"
+    );
+
     assert_eq!(blocking.await.unwrap().unwrap(), "report 7\n");
     // Once over, the stall is filed with its exact duration.
     let deadline = Instant::now() + Duration::from_secs(5);
