@@ -232,8 +232,12 @@ async fn run_with(fault: Fault, protocol: &str, extra_env: &[(&str, &str)]) -> F
     let delay = BATCH_DELAY.as_millis().to_string();
     let mut env = vec![
         ("STALL_LAB__TELEMETRY__OTLP", "true"),
-        // The console's own memory (its task budget) is not this test's.
+        // The console's own memory (its task budget) is not this test's,
+        // nor the stack symbolizer's: a stall from the OS preempting a
+        // worker on a loaded machine would read the debug build's DWARF
+        // (tens of MB for a moment; tests/api/stacks.rs covers stacks).
         ("STALL_LAB__TELEMETRY__CONSOLE", "false"),
+        ("STALL_LAB__STALL__STACKS", "false"),
         ("STALL_LAB__TELEMETRY__BATCH_DELAY_MS", delay.as_str()),
         ("STALL_LAB__SERVER__SHUTDOWN_GRACE_MS", grace.as_str()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
