@@ -43,6 +43,7 @@ pub fn start(watch: &Watch, parts: AdminParts) -> anyhow::Result<AdminServer> {
         .collect();
     let c = &config;
     let info = json!({
+        "name": "stall-lab",
         "app_url": app_url,
         // null when traces are not exported: no links to traces that do not exist.
         "jaeger_ui_url": c.telemetry.otlp.then_some(&c.admin.jaeger_ui_url),

@@ -83,7 +83,7 @@ impl BusySampler {
 /// The `/debug/runtime` document.
 fn runtime_document(state: &AdminState) -> Value {
     let Some(app) = state.watch.runtime() else {
-        return json!({ "workers": 0, "worker_stats": [], "note": "the runtime has not polled a task yet" });
+        return json!({ "workers": 0, "worker_stats": [], "note": "waiting for the watched runtime's first task (the watch learns its workers then, or from Watch::attach)" });
     };
     let metrics = app.metrics();
     let views = state.watch.workers();
