@@ -309,7 +309,7 @@ async fn the_admin_server_refuses_other_sites() {
 async fn the_stall_span_is_exported_and_linked_to_its_culprit() {
     let c = crate::otlp_support::Receiver::start("http/protobuf");
     let app = crate::telemetry::traced_app(&c, &["--workers", "2"], &[]);
-    let answer = app.get_json("/block/sleep?ms=100").await;
+    let answer = app.get_json("/block/sleep?ms=300").await;
     let trace_id = answer["trace_id"].as_str().unwrap().to_owned();
     let arrived = c
         .store
@@ -340,6 +340,15 @@ async fn the_stall_span_is_exported_and_linked_to_its_culprit() {
         culprit.span_id
     );
     assert_eq!(stall.attributes["culprit.route"], "GET /block/sleep");
+    // The line that held the worker, as OpenTelemetry's code.* attributes.
+    assert!(
+        stall.attributes["code.file.path"].ends_with("src/scenarios/block_sleep.rs"),
+        "{:?}",
+        stall.attributes
+    );
+    assert!(stall.attributes["code.line.number"].parse::<u32>().is_ok());
+    assert!(stall.attributes["code.function.name"].contains("block_sleep"));
+    assert!(stall.attributes["code.stacktrace"].contains("sleep"));
     // With traces exported, the stall links to the culprit's trace in Jaeger.
     let stalls = app.admin_json("/debug/stalls").await;
     let url = stalls["recent"][0]["jaeger_url"]

@@ -3,8 +3,13 @@
 //! several interleaved runs (the minimum is the cost without interference
 //! from whatever else the machine is doing).
 //!
-//! Run with `cargo bench -p stall-watch --bench hooks`; `HOOKS_POLLS` and
-//! `HOOKS_RUNS` override the defaults.
+//! Then what a stack capture costs: `HOOKS_STALLS` stalls of 60 ms in a row
+//! on a watched runtime, and the watch's own capture figures (time in the
+//! signal handler, round trip, naming the first stack and a cached one,
+//! buffer per worker) with the process's resident memory before and after.
+//!
+//! Run with `cargo bench -p stall-watch --bench hooks`; `HOOKS_POLLS`,
+//! `HOOKS_RUNS` and `HOOKS_STALLS` override the defaults.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,58 @@ fn main() {
     println!("  without hooks  {without:7.1} ns/poll");
     println!("  with hooks     {with:7.1} ns/poll");
     println!("  hooks cost     {:7.1} ns/poll", (with - without).max(0.0));
+    capture_costs(env_or("HOOKS_STALLS", 20));
+}
+
+/// Stalls `stalls` times and prints what capturing their stacks cost.
+fn capture_costs(stalls: u32) {
+    let watch = stall_watch::Watch::new(stall_watch::Config::default());
+    let runtime = watch
+        .install(&mut tokio::runtime::Builder::new_multi_thread())
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let rss_before = rss_kib();
+    for _ in 0..stalls {
+        let stall = runtime.spawn(async {
+            std::thread::sleep(Duration::from_millis(60));
+        });
+        runtime.block_on(stall).expect("stalling task");
+    }
+    // The last stall is filed by the watcher thread a tick later.
+    std::thread::sleep(Duration::from_millis(50));
+    let rss_after = rss_kib();
+    let Some(c) = watch.stalls(0).stack_capture else {
+        println!("stack capture: none (stacks unsupported here, or no capture landed)");
+        return;
+    };
+    println!("stack capture: {} captures of {stalls} stalls", c.captures);
+    println!(
+        "  signal handler   mean {:.1} µs, max {:.1} µs",
+        c.handler_ns_mean as f64 / 1000.0,
+        c.handler_ns_max as f64 / 1000.0
+    );
+    println!("  round trip       {} µs (the last)", c.round_trip_us_last);
+    println!(
+        "  naming a stack   first {:.1} ms, cached {:.3} ms",
+        c.symbolize_us_first as f64 / 1000.0,
+        c.symbolize_us_last as f64 / 1000.0
+    );
+    println!(
+        "  buffer           {} KiB per worker",
+        c.buffer_bytes_per_worker / 1024
+    );
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        println!("  resident memory  {before} KiB before, {after} KiB after");
+    }
+}
+
+/// The process's resident memory, from /proc (Linux).
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Nanoseconds per poll of a task that yields `polls` times.
