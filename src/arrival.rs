@@ -14,7 +14,6 @@
 //! arriving to its handler starting, time no thread could spare for it.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,14 +28,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// A TCP listener whose connections remember when their latest bytes
 /// arrived.
-pub struct ArrivalListener {
+pub(crate) struct ArrivalListener {
     inner: TcpListener,
 }
 
 impl ArrivalListener {
     /// Wraps `inner`, turning on receive timestamps. Where the kernel refuses
     /// them, connections still work; they just never report an arrival.
-    pub fn new(inner: TcpListener) -> ArrivalListener {
+    pub(crate) fn new(inner: TcpListener) -> ArrivalListener {
         if let Err(e) = socket::setsockopt(&inner, sockopt::ReceiveTimestampns, &true) {
             tracing::warn!("no kernel receive timestamps ({e}): queued_ms will be absent");
         }
@@ -44,18 +43,17 @@ impl ArrivalListener {
     }
 }
 
-/// What the middleware learns about a request's connection: its peer, and
-/// the kernel timestamp (Unix ns) of the newest bytes read from it.
+/// What the middleware learns about a request's connection: the kernel
+/// timestamp (Unix ns) of the newest bytes read from it.
 #[derive(Clone, Debug)]
-pub struct Arrival {
-    pub peer: SocketAddr,
+pub(crate) struct Arrival {
     last_rx_unix_ns: Arc<AtomicU64>,
 }
 
 impl Arrival {
     /// How long ago the newest bytes of this connection reached the socket,
     /// if the kernel said.
-    pub fn age(&self) -> Option<Duration> {
+    pub(crate) fn age(&self) -> Option<Duration> {
         let at = self.last_rx_unix_ns.load(Ordering::Acquire);
         if at == 0 {
             return None;
@@ -72,10 +70,9 @@ impl axum::serve::Listener for ArrivalListener {
     async fn accept(&mut self) -> (ArrivalStream, Arrival) {
         loop {
             match self.inner.accept().await {
-                Ok((stream, peer)) => {
+                Ok((stream, _peer)) => {
                     let last_rx = Arc::new(AtomicU64::new(0));
                     let arrival = Arrival {
-                        peer,
                         last_rx_unix_ns: last_rx.clone(),
                     };
                     return (
@@ -97,8 +94,9 @@ impl axum::serve::Listener for ArrivalListener {
     }
 
     fn local_addr(&self) -> io::Result<Arrival> {
+        // The listener's own address is not a connection: no bytes yet.
+        let _ = self.inner.local_addr()?;
         Ok(Arrival {
-            peer: self.inner.local_addr()?,
             last_rx_unix_ns: Arc::default(),
         })
     }
@@ -106,7 +104,7 @@ impl axum::serve::Listener for ArrivalListener {
 
 /// A TCP stream that reads with `recvmsg` to keep the kernel's timestamp of
 /// the newest bytes it read.
-pub struct ArrivalStream {
+pub(crate) struct ArrivalStream {
     inner: TcpStream,
     last_rx: Arc<AtomicU64>,
 }

@@ -14,7 +14,7 @@ use crate::state::AppState;
 /// permit to the budget.
 #[derive(Debug)]
 #[must_use = "the permit returns to the budget when dropped"]
-pub struct StallPermit {
+pub(crate) struct StallPermit {
     _permit: OwnedSemaphorePermit,
 }
 
@@ -22,7 +22,7 @@ impl StallPermit {
     /// Takes a permit, or refuses at once. `try_acquire`, not
     /// `acquire().await`: waiting here would turn the budget into a queue
     /// (see the module docs).
-    pub fn acquire(state: &AppState) -> Result<Self, AppError> {
+    pub(crate) fn acquire(state: &AppState) -> Result<Self, AppError> {
         state
             .stall_budget
             .clone()

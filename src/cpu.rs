@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 /// How many rounds run between two clock reads: small enough to stop within
 /// a few microseconds of the deadline, large enough that reading the clock
 /// is a negligible share of the work.
-pub const ROUNDS_PER_CLOCK_CHECK: u64 = 4096;
+pub(crate) const ROUNDS_PER_CLOCK_CHECK: u64 = 4096;
 
 /// CPU time the calling thread has run so far, from the kernel's scheduler
 /// clock (`/proc/thread-self/schedstat`; `None` where there is none).
-pub fn thread_cpu_time() -> Option<Duration> {
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let on_cpu_ns = text.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_nanos(on_cpu_ns))
@@ -30,7 +30,7 @@ pub fn thread_cpu_time() -> Option<Duration> {
 
 /// Burns CPU on the calling thread for `duration`, then returns how many
 /// rounds of work it did.
-pub fn burn(duration: Duration) -> u64 {
+pub(crate) fn burn(duration: Duration) -> u64 {
     let deadline = Instant::now() + duration;
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut rounds = 0;

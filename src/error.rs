@@ -12,10 +12,10 @@ use serde_json::json;
 /// Exit code for bad configuration, bad flags or bad input (clap uses 2 for
 /// usage errors too, so scripts can treat every "you asked for something
 /// invalid" alike).
-pub const EXIT_BAD_CONFIG: u8 = 2;
+pub(crate) const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub(crate) enum AppError {
     /// A query parameter is missing, malformed or out of range (400).
     #[error("{problem}")]
     BadParameter {
@@ -43,7 +43,7 @@ pub enum AppError {
 }
 
 /// Seconds a client should wait before retrying past the stall budget.
-pub const RETRY_AFTER_SECS: u64 = 1;
+pub(crate) const RETRY_AFTER_SECS: u64 = 1;
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {

@@ -30,25 +30,25 @@
 //!   toolbox: validated `ms`/`n`, the stall budget, the JSON error shape,
 //!   shared state, and time-bounded CPU work.
 
-pub mod admin;
+mod admin;
 pub mod app;
-pub mod arrival;
-pub mod budget;
+mod arrival;
+mod budget;
 pub mod cli;
 pub mod config;
-pub mod cpu;
-pub mod error;
-pub mod experiment;
-pub mod load;
-pub mod measure;
-pub mod net;
-pub mod params;
-pub mod report;
-pub mod request;
+mod cpu;
+mod error;
+mod experiment;
+mod load;
+mod measure;
+mod net;
+mod params;
+mod report;
+mod request;
 pub mod runtime;
-pub mod scenario;
+mod scenario;
 pub mod scenarios;
 pub mod server;
-pub mod shutdown;
+mod shutdown;
 pub mod state;
 pub mod telemetry;

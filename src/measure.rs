@@ -33,7 +33,7 @@ use stall_watch::Place;
 /// Cloning is cheap (an `Arc`); the handler holds one clone to read a
 /// [`Snapshot`] while the wrapper holds another to record.
 #[derive(Clone, Debug)]
-pub struct PollStats {
+pub(crate) struct PollStats {
     inner: Arc<Shared>,
 }
 
@@ -83,7 +83,7 @@ impl State {
 /// A point-in-time copy of [`PollStats`], in milliseconds, as the scenarios
 /// answer it.
 #[derive(Clone, Debug, Serialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub wall_ms: f64,
     pub polls: u64,
     pub busy_ms: f64,
@@ -108,7 +108,7 @@ impl Default for PollStats {
 impl PollStats {
     /// Starts the clocks. Being created counts as being woken: the time until
     /// the first poll is scheduling delay too.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             inner: Arc::new(Shared {
                 created: Instant::now(),
@@ -121,7 +121,7 @@ impl PollStats {
 
     /// The statistics so far. Called from inside the measured future, the
     /// poll in progress counts as a poll whose busy time runs until now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
         let state = self.inner.state.lock().expect("poll stats lock");
         let mut busy = state.busy;
@@ -143,18 +143,18 @@ impl PollStats {
     }
 
     /// When the clocks started: the request task's creation.
-    pub fn created(&self) -> Instant {
+    pub(crate) fn created(&self) -> Instant {
         self.inner.created
     }
 
     /// Records how long the request waited to be read (once; later calls
     /// are ignored).
-    pub fn set_queued(&self, queued: Duration) {
+    pub(crate) fn set_queued(&self, queued: Duration) {
         let _ = self.inner.queued.set(queued);
     }
 
     /// Wraps `future` so that its polls are recorded here.
-    pub fn measure<F: Future>(&self, future: F) -> Measured<F> {
+    pub(crate) fn measure<F: Future>(&self, future: F) -> Measured<F> {
         Measured {
             inner: Box::pin(future),
             stats: self.clone(),
@@ -170,7 +170,7 @@ impl PollStats {
 
 /// Converts a duration to fractional milliseconds, rounded to microseconds so
 /// the JSON stays readable.
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
@@ -179,7 +179,7 @@ pub fn ms(d: Duration) -> f64 {
 /// The inner future is boxed so `Measured` is `Unpin` without any `unsafe`
 /// pin projection; one allocation per request is noise next to the syscalls
 /// a request costs.
-pub struct Measured<F> {
+pub(crate) struct Measured<F> {
     inner: Pin<Box<F>>,
     stats: PollStats,
     /// The last waker we were given and our wrapper around it. Tasks are
@@ -195,7 +195,11 @@ pub struct Measured<F> {
 impl<F> Measured<F> {
     /// Emits an event for every poll of at least `threshold`, naming the
     /// future `label` (e.g. `GET /block/sleep`).
-    pub fn report_polls_over(mut self, threshold: Duration, label: std::sync::Arc<str>) -> Self {
+    pub(crate) fn report_polls_over(
+        mut self,
+        threshold: Duration,
+        label: std::sync::Arc<str>,
+    ) -> Self {
         self.long_poll = Some((threshold, label));
         self
     }

@@ -11,7 +11,7 @@ use anyhow::Context;
 ///
 /// An error reads "cannot listen on ADDR (KEY): …", `key` naming the setting
 /// that chose the address.
-pub fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+pub(crate) fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let context = || format!("cannot listen on {addr} ({key})");
     let listener = TcpListener::bind(addr).with_context(context)?;
     listener.set_nonblocking(true).with_context(context)?;

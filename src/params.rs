@@ -14,7 +14,7 @@ use crate::state::AppState;
 
 /// The raw `key=value` pairs of a request's query string.
 #[derive(Debug, Default)]
-pub struct Params {
+pub(crate) struct Params {
     pairs: Vec<(String, String)>,
     max_ms: u64,
     max_fanout: u64,
@@ -37,7 +37,7 @@ impl FromRequestParts<AppState> for Params {
 impl Params {
     /// Rejects any parameter not in `allowed`: a typo like `?msec=200` should
     /// be an error, not a silently ignored setting.
-    pub fn only(&self, allowed: &[&str]) -> Result<(), AppError> {
+    pub(crate) fn only(&self, allowed: &[&str]) -> Result<(), AppError> {
         for (key, _) in &self.pairs {
             if !allowed.contains(&key.as_str()) {
                 let takes = if allowed.is_empty() {
@@ -56,12 +56,12 @@ impl Params {
     }
 
     /// `ms`: a duration in milliseconds, `0..=limits.max_ms`.
-    pub fn ms(&self) -> Result<u64, AppError> {
+    pub(crate) fn ms(&self) -> Result<u64, AppError> {
         self.integer("ms", 0, self.max_ms, "a duration in milliseconds")
     }
 
     /// `n`: a count, `1..=limits.max_fanout`.
-    pub fn n(&self) -> Result<u64, AppError> {
+    pub(crate) fn n(&self) -> Result<u64, AppError> {
         self.integer("n", 1, self.max_fanout, "a count")
     }
 

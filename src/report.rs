@@ -20,7 +20,7 @@ pub const HOLD_MS: f64 = 20.0;
 
 /// The JSON body of every scenario.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The route, e.g. `/block/sleep`.
     pub scenario: &'static str,
     /// The parameters as understood, e.g. `{"ms": 200}`.
@@ -68,12 +68,12 @@ impl Report {
         }
     }
 
-    pub fn with_jobs(mut self, jobs: Vec<Job>) -> Report {
+    pub(crate) fn with_jobs(mut self, jobs: Vec<Job>) -> Report {
         self.jobs = jobs;
         self
     }
 
-    pub fn with_detail(mut self, detail: serde_json::Value) -> Report {
+    pub(crate) fn with_detail(mut self, detail: serde_json::Value) -> Report {
         self.detail = Some(detail);
         self
     }
@@ -89,7 +89,7 @@ impl IntoResponse for Report {
 /// blocking-pool job. `start_ms`/`end_ms` are relative to the request's start,
 /// so overlapping intervals *are* parallelism (or concurrency, for timers).
 #[derive(Debug, Clone, Serialize)]
-pub struct Job {
+pub(crate) struct Job {
     pub index: usize,
     /// `"worker N"` or `"blocking pool"`: where the job's code ran.
     pub ran_on: Place,
@@ -111,7 +111,7 @@ pub struct Job {
 impl Job {
     /// Runs `ms` of CPU work on the calling thread and records it as job
     /// `index` of a request that started at `request_started`.
-    pub fn cpu(index: usize, ms: u64, request_started: Instant) -> Job {
+    pub(crate) fn cpu(index: usize, ms: u64, request_started: Instant) -> Job {
         let clock_before = crate::cpu::thread_cpu_time();
         let start = Instant::now();
         crate::cpu::burn(std::time::Duration::from_millis(ms));
@@ -125,7 +125,7 @@ impl Job {
 
     /// A job that ran from `start` to `end` on the calling thread, busy for
     /// `busy` of that time.
-    pub fn record(
+    pub(crate) fn record(
         index: usize,
         request_started: Instant,
         start: Instant,
@@ -152,7 +152,7 @@ impl Job {
 /// whole batch. 1.0 is one at a time; 2.0 is two cores working all along.
 /// Threads beyond the core count add concurrency, not parallelism: eight
 /// jobs on eight blocking threads of a 2-core machine still make about 2.0.
-pub fn parallelism(jobs: &[Job]) -> f64 {
+pub(crate) fn parallelism(jobs: &[Job]) -> f64 {
     let busy: f64 = jobs.iter().map(|j| j.cpu_ms.unwrap_or(j.busy_ms)).sum();
     let start = jobs
         .iter()
@@ -167,7 +167,7 @@ pub fn parallelism(jobs: &[Job]) -> f64 {
 }
 
 /// The distinct places (workers, or the blocking pool) the jobs ran on.
-pub fn job_places(jobs: &[Job]) -> Vec<Place> {
+pub(crate) fn job_places(jobs: &[Job]) -> Vec<Place> {
     let mut places: Vec<Place> = jobs.iter().map(|j| j.ran_on).collect();
     places.sort();
     places.dedup();
@@ -175,7 +175,7 @@ pub fn job_places(jobs: &[Job]) -> Vec<Place> {
 }
 
 /// How many distinct threads the jobs ran on.
-pub fn job_threads(jobs: &[Job]) -> usize {
+pub(crate) fn job_threads(jobs: &[Job]) -> usize {
     let mut threads: Vec<&str> = jobs.iter().map(|j| j.thread.as_str()).collect();
     threads.sort_unstable();
     threads.dedup();
@@ -186,7 +186,7 @@ pub fn job_threads(jobs: &[Job]) -> usize {
 /// request middleware. Also the request's start time, the zero
 /// of every [`Job`] interval.
 #[derive(Clone, Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     pub stats: PollStats,
     pub started: Instant,
     /// Who this request is, for naming the tasks it spawns to the stall
@@ -203,7 +203,7 @@ pub struct Probe {
 impl Probe {
     /// The request's answer: `scenario`'s report with its `params`, the
     /// measured `stats` and the `verdict` on them.
-    pub fn report(
+    pub(crate) fn report(
         &self,
         scenario: &Scenario,
         params: serde_json::Value,
@@ -275,7 +275,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Probe {
 
 /// Formats milliseconds for verdicts: whole numbers above 10 ms, one
 /// decimal below, so "held worker 1 for 203 ms" and "busy for 0.1 ms".
-pub fn fmt_ms(value: f64) -> String {
+pub(crate) fn fmt_ms(value: f64) -> String {
     if value >= 10.0 {
         format!("{value:.0} ms")
     } else if value >= 0.1 {
@@ -287,7 +287,7 @@ pub fn fmt_ms(value: f64) -> String {
 
 /// "worker 1", "workers 0 and 1", "workers 0, 1 and 2", "worker 0 and
 /// blocking pool".
-pub fn fmt_places(places: &[Place]) -> String {
+pub(crate) fn fmt_places(places: &[Place]) -> String {
     let mut places = places.to_vec();
     places.sort();
     places.dedup();

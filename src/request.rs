@@ -42,9 +42,9 @@ use crate::report::Probe;
 use crate::state::AppState;
 
 /// Route label for requests that matched no route.
-pub const UNMATCHED: &str = "unmatched";
+pub(crate) const UNMATCHED: &str = "unmatched";
 
-pub async fn run_in_own_task(
+pub(crate) async fn run_in_own_task(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,

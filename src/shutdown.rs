@@ -4,7 +4,7 @@
 //! their own instead of sending signals.
 
 /// Completes on the first SIGINT or SIGTERM.
-pub async fn signal() {
+pub(crate) async fn signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for Ctrl-C: {e}");

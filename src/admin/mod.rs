@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::telemetry::{ConsoleBudget, ExportCounters};
 
 /// What the admin server shows besides the watch itself.
-pub struct AdminParts {
+pub(crate) struct AdminParts {
     pub config: Arc<Config>,
     /// tokio-console's task budget and its counters, when the console is on.
     pub console: Option<Arc<ConsoleBudget>>,
@@ -29,7 +29,7 @@ pub struct AdminParts {
 }
 
 /// Binds `admin.listen` and serves from the admin thread.
-pub fn start(watch: &Watch, parts: AdminParts) -> anyhow::Result<AdminServer> {
+pub(crate) fn start(watch: &Watch, parts: AdminParts) -> anyhow::Result<AdminServer> {
     let AdminParts {
         config,
         console,

@@ -11,9 +11,9 @@ use plotters::prelude::*;
 use super::claims::{Beside, FanoutPoint, RuntimeSetup, ThroughputPoint};
 
 /// The chart files, in the order the report shows them.
-pub const LATENCY: &str = "latency-percentiles.svg";
-pub const THROUGHPUT: &str = "throughput-vs-concurrency.svg";
-pub const FANOUT: &str = "fanout-wall-time.svg";
+pub(crate) const LATENCY: &str = "latency-percentiles.svg";
+pub(crate) const THROUGHPUT: &str = "throughput-vs-concurrency.svg";
+pub(crate) const FANOUT: &str = "fanout-wall-time.svg";
 
 const SIZE: (u32, u32) = (900, 520);
 const PALETTE: [RGBColor; 4] = [
@@ -31,7 +31,7 @@ type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 /// `/healthz` percentiles beside blocking traffic (thick lines) and beside
 /// its cooperative twin (thin lines), one colour per runtime.
-pub fn latency(path: &Path, setups: &[RuntimeSetup], beside: &[Beside]) -> DrawResult {
+pub(crate) fn latency(path: &Path, setups: &[RuntimeSetup], beside: &[Beside]) -> DrawResult {
     const LABELS: [&str; 4] = ["p50", "p90", "p99", "p99.9"];
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
@@ -93,7 +93,11 @@ pub fn latency(path: &Path, setups: &[RuntimeSetup], beside: &[Beside]) -> DrawR
 
 /// Throughput of `/coop/sleep?ms=50` (thin) and `/block/sleep?ms=50`
 /// (thick) against the number of connections, and the ideal C ÷ 50 ms.
-pub fn throughput(path: &Path, setups: &[RuntimeSetup], points: &[ThroughputPoint]) -> DrawResult {
+pub(crate) fn throughput(
+    path: &Path,
+    setups: &[RuntimeSetup],
+    points: &[ThroughputPoint],
+) -> DrawResult {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let max_c = points.iter().map(|p| p.concurrency).max().unwrap_or(1) as f64;
@@ -156,7 +160,7 @@ pub fn throughput(path: &Path, setups: &[RuntimeSetup], points: &[ThroughputPoin
 
 /// `/fanout/spawn?n=4&ms=50` wall time per runtime, measured (dots) and
 /// ⌈n ÷ workers⌉ × 50 ms (crosses).
-pub fn fanout(path: &Path, points: &[FanoutPoint]) -> DrawResult {
+pub(crate) fn fanout(path: &Path, points: &[FanoutPoint]) -> DrawResult {
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let top = points

@@ -16,7 +16,7 @@ use crate::load::stats::{Percentiles, Report};
 
 /// What the runtime under test looks like.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RuntimeSetup {
+pub(crate) struct RuntimeSetup {
     /// `current_thread`, `multi_thread, 2 workers (one per core)`, …
     pub label: String,
     pub flavor: crate::config::Flavor,
@@ -25,7 +25,7 @@ pub struct RuntimeSetup {
 
 /// current_thread; multi_thread with 1, 2 and one-per-core workers, with
 /// duplicates removed (on a 2-core machine "one per core" *is* 2).
-pub fn setups(cores: usize) -> Vec<RuntimeSetup> {
+pub(crate) fn setups(cores: usize) -> Vec<RuntimeSetup> {
     use crate::config::Flavor::{CurrentThread, MultiThread};
     let mut setups = vec![RuntimeSetup {
         label: "current_thread".into(),
@@ -56,7 +56,7 @@ pub fn setups(cores: usize) -> Vec<RuntimeSetup> {
 
 /// How long each measurement runs.
 #[derive(Debug, Clone, Serialize)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub quick: bool,
     /// Each open-loop run of claims 1, 4 and 5.
     #[serde(serialize_with = "seconds", rename = "run_s")]
@@ -74,7 +74,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(quick: bool) -> Plan {
+    pub(crate) fn new(quick: bool) -> Plan {
         if quick {
             Plan {
                 quick,
@@ -103,7 +103,7 @@ fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
 
 /// `>=` or `<=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Op {
+pub(crate) enum Op {
     #[serde(rename = ">=")]
     AtLeast,
     #[serde(rename = "<=")]
@@ -112,7 +112,7 @@ pub enum Op {
 
 /// One condition of a verdict: `value op bound`.
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub what: String,
     pub value: f64,
     pub op: Op,
@@ -121,7 +121,7 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn new(what: impl Into<String>, value: f64, op: Op, bound: f64) -> Check {
+    pub(crate) fn new(what: impl Into<String>, value: f64, op: Op, bound: f64) -> Check {
         let holds = match op {
             Op::AtLeast => value >= bound,
             Op::AtMost => value <= bound,
@@ -138,7 +138,7 @@ impl Check {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Every check holds.
     Confirmed,
     /// At least one check fails.
@@ -148,7 +148,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn of(checks: &[Check]) -> Verdict {
+    pub(crate) fn of(checks: &[Check]) -> Verdict {
         if checks.iter().any(|c| !c.value.is_finite()) {
             Verdict::Inconclusive
         } else if checks.iter().all(|c| c.holds) {
@@ -158,7 +158,7 @@ impl Verdict {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verdict::Confirmed => "confirmed",
             Verdict::Contradicted => "contradicted",
@@ -169,7 +169,7 @@ impl Verdict {
 
 /// One line of the report's table.
 #[derive(Debug, Clone, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     pub claim: u8,
     pub title: &'static str,
     pub configuration: String,
@@ -200,7 +200,7 @@ impl Row {
 }
 
 /// The claims, as the README states them.
-pub const TITLES: [&str; 6] = [
+pub(crate) const TITLES: [&str; 6] = [
     "a blocking handler stalls everyone on its worker",
     "IO-bound work scales with concurrency; blocking work stops at workers ÷ duration",
     "nothing is parallel on current_thread; parallelism needs workers",
@@ -211,7 +211,7 @@ pub const TITLES: [&str; 6] = [
 
 /// `/healthz` latency beside some steady traffic.
 #[derive(Debug, Clone, Serialize)]
-pub struct Beside {
+pub(crate) struct Beside {
     pub configuration: String,
     /// The background route, e.g. `/block/sleep?ms=50`.
     pub background: String,
@@ -222,7 +222,7 @@ pub struct Beside {
 /// Claim 1 (`/block/sleep` vs `/coop/sleep`) and claim 5 (`/block/cpu` vs
 /// `/offload/cpu`): `/healthz` beside the blocking route, then beside its
 /// fixed twin, at the same rates.
-pub struct BesideRoutes {
+pub(crate) struct BesideRoutes {
     pub claim: u8,
     pub blocking: &'static str,
     pub fixed: &'static str,
@@ -235,7 +235,7 @@ pub struct BesideRoutes {
 }
 
 /// Claim 1: 10 stalls of 50 ms a second: half of one worker's time.
-pub const CLAIM_1: BesideRoutes = BesideRoutes {
+pub(crate) const CLAIM_1: BesideRoutes = BesideRoutes {
     claim: 1,
     blocking: "/block/sleep?ms=50",
     fixed: "/coop/sleep?ms=50",
@@ -245,7 +245,7 @@ pub const CLAIM_1: BesideRoutes = BesideRoutes {
 };
 
 /// Claim 5: 5 CPU jobs of 40 ms a second: a fifth of one core.
-pub const CLAIM_5: BesideRoutes = BesideRoutes {
+pub(crate) const CLAIM_5: BesideRoutes = BesideRoutes {
     claim: 5,
     blocking: "/block/cpu?ms=40",
     fixed: "/offload/cpu?ms=40",
@@ -256,15 +256,15 @@ pub const CLAIM_5: BesideRoutes = BesideRoutes {
 
 impl BesideRoutes {
     /// The `--mix` of one side.
-    pub fn mix(&self, background: &str) -> String {
+    pub(crate) fn mix(&self, background: &str) -> String {
         format!("/healthz:{},{background}:1", self.healthz_per_background)
     }
 
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.background_rate * f64::from(self.healthz_per_background + 1)
     }
 
-    pub fn beside(&self, configuration: &str, background: &str, report: &Report) -> Beside {
+    pub(crate) fn beside(&self, configuration: &str, background: &str, report: &Report) -> Beside {
         let healthz = report.route("/healthz").expect("the mix has /healthz");
         Beside {
             configuration: configuration.to_owned(),
@@ -274,7 +274,7 @@ impl BesideRoutes {
         }
     }
 
-    pub fn row(&self, configuration: &str, blocked: &Beside, fixed: &Beside) -> Row {
+    pub(crate) fn row(&self, configuration: &str, blocked: &Beside, fixed: &Beside) -> Row {
         let (b, f) = (&blocked.healthz_ms, &fixed.healthz_ms);
         let nan_if_none = |answered: u64, v: f64| if answered == 0 { f64::NAN } else { v };
         let difference = nan_if_none(blocked.healthz_answered, b.p99)
@@ -304,12 +304,12 @@ impl BesideRoutes {
 }
 
 /// Claim 2's routes: both wait 50 ms, one on a timer, one holding its worker.
-pub const COOP_50: &str = "/coop/sleep?ms=50";
-pub const BLOCK_50: &str = "/block/sleep?ms=50";
+pub(crate) const COOP_50: &str = "/coop/sleep?ms=50";
+pub(crate) const BLOCK_50: &str = "/block/sleep?ms=50";
 
 /// One point of a throughput curve.
 #[derive(Debug, Clone, Serialize)]
-pub struct ThroughputPoint {
+pub(crate) struct ThroughputPoint {
     pub configuration: String,
     pub route: String,
     pub concurrency: usize,
@@ -323,7 +323,12 @@ pub struct ThroughputPoint {
 /// route at least three rounds of C requests through the workers. With 16
 /// connections on one worker, answers come in batches every 16 × 50 ms;
 /// a window shorter than a few batches would count the cut, not the rate.
-pub fn point_duration(plan: &Plan, route: &str, concurrency: usize, workers: usize) -> Duration {
+pub(crate) fn point_duration(
+    plan: &Plan,
+    route: &str,
+    concurrency: usize,
+    workers: usize,
+) -> Duration {
     if route == BLOCK_50 {
         let round_ms = (50 * concurrency).div_ceil(workers.max(1)) as u64;
         plan.point.max(Duration::from_millis(3 * round_ms))
@@ -335,7 +340,7 @@ pub fn point_duration(plan: &Plan, route: &str, concurrency: usize, workers: usi
 /// Claim 2 for one runtime: coop throughput at the highest concurrency is
 /// at least half of C ÷ 50 ms; block throughput stays at most 10 % above
 /// workers ÷ 50 ms.
-pub fn throughput_row(setup: &RuntimeSetup, points: &[ThroughputPoint]) -> Row {
+pub(crate) fn throughput_row(setup: &RuntimeSetup, points: &[ThroughputPoint]) -> Row {
     let top = points.iter().map(|p| p.concurrency).max().unwrap_or(1);
     let at = |route: &str| {
         points
@@ -391,12 +396,12 @@ pub fn throughput_row(setup: &RuntimeSetup, points: &[ThroughputPoint]) -> Row {
 }
 
 /// Claim 3's request: four CPU jobs of 50 ms, each in a spawned task.
-pub const FANOUT: &str = "/fanout/spawn?n=4&ms=50";
-pub const FANOUT_JOBS: usize = 4;
-pub const FANOUT_JOB_MS: f64 = 50.0;
+pub(crate) const FANOUT: &str = "/fanout/spawn?n=4&ms=50";
+pub(crate) const FANOUT_JOBS: usize = 4;
+pub(crate) const FANOUT_JOB_MS: f64 = 50.0;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FanoutPoint {
+pub(crate) struct FanoutPoint {
     pub configuration: String,
     pub workers: usize,
     pub p50_ms: f64,
@@ -405,12 +410,12 @@ pub struct FanoutPoint {
 }
 
 /// ⌈n ÷ workers⌉ · ms: the jobs run `workers` at a time.
-pub fn fanout_expected(workers: usize) -> f64 {
+pub(crate) fn fanout_expected(workers: usize) -> f64 {
     FANOUT_JOBS.div_ceil(workers) as f64 * FANOUT_JOB_MS
 }
 
 /// Claim 3: the wall time is within −20 % / +30 % of ⌈n ÷ workers⌉ · ms.
-pub fn fanout_row(point: &FanoutPoint) -> Row {
+pub(crate) fn fanout_row(point: &FanoutPoint) -> Row {
     let ratio = if point.answered == 0 {
         f64::NAN
     } else {
@@ -435,13 +440,13 @@ pub fn fanout_row(point: &FanoutPoint) -> Row {
 }
 
 /// Claim 4's twins: four 50 ms timers, joined or one after another.
-pub const JOIN: &str = "/fanout/join?n=4&ms=50";
-pub const SEQUENTIAL: &str = "/fanout/sequential?n=4&ms=50";
+pub(crate) const JOIN: &str = "/fanout/join?n=4&ms=50";
+pub(crate) const SEQUENTIAL: &str = "/fanout/sequential?n=4&ms=50";
 /// Requests per second of each.
-pub const JOIN_RATE: f64 = 10.0;
+pub(crate) const JOIN_RATE: f64 = 10.0;
 
 /// Claim 4: joined p50 ≤ 1.3 × 50 ms; sequential p50 ≥ 0.9 × 200 ms.
-pub fn join_row(configuration: &str, report: &Report) -> Row {
+pub(crate) fn join_row(configuration: &str, report: &Report) -> Row {
     let p50 = |route: &str| {
         report
             .route(route)
@@ -469,15 +474,15 @@ pub fn join_row(configuration: &str, report: &Report) -> Row {
 }
 
 /// Claim 6: how long the stall lasts, and when the probes go out.
-pub const STALL: &str = "/block/sleep?ms=600";
+pub(crate) const STALL: &str = "/block/sleep?ms=600";
 /// Offsets of the `/healthz` probes from the stall's start.
-pub const PROBE_OFFSETS_MS: [u64; 8] = [100, 150, 200, 250, 300, 350, 400, 450];
+pub(crate) const PROBE_OFFSETS_MS: [u64; 8] = [100, 150, 200, 250, 300, 350, 400, 450];
 /// A probe that took this long waited for the stall (an answered probe
 /// takes a few ms; a probe a woken worker picks up, about 25).
-pub const STRANDED_MS: f64 = 100.0;
+pub(crate) const STRANDED_MS: f64 = 100.0;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Stranding {
+pub(crate) struct Stranding {
     pub configuration: String,
     pub wake_idle_worker: bool,
     /// Probes answered (the share is of these).
@@ -489,7 +494,7 @@ pub struct Stranding {
 }
 
 impl Stranding {
-    pub fn share(&self) -> f64 {
+    pub(crate) fn share(&self) -> f64 {
         if self.probes == 0 {
             f64::NAN
         } else {
@@ -500,7 +505,7 @@ impl Stranding {
 
 /// Claim 6: without the wake-up at least 20 % of the probes are stranded
 /// although a worker is free; with `stall.wake_idle_worker` at most 10 %.
-pub fn stranding_row(s: &Stranding) -> Row {
+pub(crate) fn stranding_row(s: &Stranding) -> Row {
     let measured = format!(
         "{} of {} /healthz on new connections waited ≥ {STRANDED_MS} ms ({:.0} %) during {} on a keep-alive connection",
         s.stranded,

@@ -13,10 +13,10 @@
 //! server (16 blocking requests on one worker are 800 ms of work), and the
 //! next measurement must not inherit them.
 
-pub mod charts;
-pub mod claims;
-pub mod report;
-pub mod server;
+pub(crate) mod charts;
+pub(crate) mod claims;
+pub(crate) mod report;
+pub(crate) mod server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ the table to stdout. --quick takes under a minute on 2 cores, the full run under
 
 #[derive(Debug, Clone, Args)]
 #[command(after_long_help = EXPERIMENT_HELP)]
-pub struct ExperimentArgs {
+pub(crate) struct ExperimentArgs {
     /// Shorter runs and fewer points (under a minute on 2 cores).
     #[arg(long)]
     pub quick: bool,
@@ -62,7 +62,7 @@ pub struct ExperimentArgs {
 }
 
 /// `stall-lab experiment`.
-pub fn main(args: ExperimentArgs) -> ExitCode {
+pub(crate) fn main(args: ExperimentArgs) -> ExitCode {
     // The generator's runtime. The servers build their own, one at a time.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,7 +94,7 @@ pub fn main(args: ExperimentArgs) -> ExitCode {
 }
 
 /// Measures everything in `plan` and writes the report into `out`.
-pub async fn run(plan: Plan, out: &Path) -> anyhow::Result<ExperimentReport> {
+pub(crate) async fn run(plan: Plan, out: &Path) -> anyhow::Result<ExperimentReport> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let started = Instant::now();
     let loadavg_start = loadavg();

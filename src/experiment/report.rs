@@ -11,7 +11,7 @@ use super::claims::{
 
 /// Everything one `stall-lab experiment` measured.
 #[derive(Debug, Clone, Serialize)]
-pub struct ExperimentReport {
+pub(crate) struct ExperimentReport {
     pub stall_lab_version: &'static str,
     /// Cores the machine offers (`available_parallelism`).
     pub cores: usize,
@@ -38,7 +38,7 @@ pub struct ExperimentReport {
 
 impl ExperimentReport {
     /// The one table, as Markdown.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = String::from(
             "| # | claim | configuration | measured | expected | verdict |\n|---|---|---|---|---|---|\n",
         );
@@ -56,7 +56,7 @@ impl ExperimentReport {
         out
     }
 
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let confirmed = self
             .rows
             .iter()

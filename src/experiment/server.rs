@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::state::AppState;
 
 /// A server running on its own thread, until [`RunningServer::stop`].
-pub struct RunningServer {
+pub(crate) struct RunningServer {
     /// `http://127.0.0.1:PORT` of the application server.
     pub app_url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -30,7 +30,7 @@ pub struct RunningServer {
 }
 
 /// Starts stall-lab with `config` (its `server.listen` should be port 0).
-pub fn spawn_server(config: Config) -> anyhow::Result<RunningServer> {
+pub(crate) fn spawn_server(config: Config) -> anyhow::Result<RunningServer> {
     let watch = config
         .stall
         .watch
@@ -80,7 +80,7 @@ pub fn spawn_server(config: Config) -> anyhow::Result<RunningServer> {
 
 impl RunningServer {
     /// Stops the server and waits for its thread.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.shutdown();
     }
 

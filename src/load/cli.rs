@@ -29,7 +29,7 @@ report to stdout (a table, or JSON with --json). Exit code 2 on bad flags.";
 
 #[derive(Debug, Clone, Args)]
 #[command(after_long_help = LOAD_HELP)]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// The server, http://HOST:PORT, with the path every request takes when
     /// there is no --mix (e.g. http://127.0.0.1:3000/coop/sleep?ms=50).
     #[arg(long, value_name = "URL")]
@@ -84,7 +84,7 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A bad `--url`, `--mix` or number.
 #[derive(Debug)]
-pub struct BadInput(pub String);
+pub(crate) struct BadInput(pub String);
 
 impl std::fmt::Display for BadInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,7 +129,7 @@ pub(super) fn parse_url(url: &str) -> Result<(String, u16, String), BadInput> {
 impl LoadArgs {
     /// Checks every flag and resolves the host: everything that can be wrong
     /// with the input is reported before the first request.
-    pub async fn to_spec(&self) -> Result<Spec, BadInput> {
+    pub(crate) async fn to_spec(&self) -> Result<Spec, BadInput> {
         let (host, port, path) = parse_url(&self.url)?;
         let mix = match &self.mix {
             Some(_) if path != "/" => {
@@ -204,7 +204,7 @@ impl LoadArgs {
 pub(super) const DEFAULT_RATE: f64 = 100.0;
 
 /// `stall-lab load`: builds the generator's runtime, runs, prints.
-pub fn main(args: LoadArgs) -> ExitCode {
+pub(crate) fn main(args: LoadArgs) -> ExitCode {
     // The generator's own runtime: it must keep its schedule while the
     // server it loads (maybe in this same process, in the experiment) is
     // stalled, so it never shares threads with it.

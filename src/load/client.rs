@@ -18,20 +18,20 @@ use tokio::net::TcpStream;
 
 /// Where requests go: the resolved address, and the `Host` header.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub addr: SocketAddr,
     pub authority: String,
 }
 
 /// An open keep-alive connection, ready for its next request.
-pub struct Conn {
+pub(crate) struct Conn {
     sender: SendRequest<Empty<Bytes>>,
 }
 
 /// Why a request got no HTTP answer. Counted by [`Failure::label`], apart
 /// from answers with an error status (those are answers).
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The TCP connection could not be opened.
     Connect(std::io::Error),
     /// The connection broke before the whole answer arrived.
@@ -41,7 +41,7 @@ pub enum Failure {
 impl Failure {
     /// A short, stable label to count failures by: `connect: connection
     /// refused`, `closed before the answer`, …
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Failure::Connect(e) => format!("connect: {}", e.kind()),
             Failure::Http(e) if e.is_incomplete_message() => "closed before the answer".to_owned(),
@@ -62,7 +62,7 @@ impl Failure {
 impl Conn {
     /// Opens a connection. The connection's own I/O runs in a task spawned
     /// here, on the generator's runtime, never on the server's.
-    pub async fn open(target: &Target) -> Result<Conn, Failure> {
+    pub(crate) async fn open(target: &Target) -> Result<Conn, Failure> {
         let stream = TcpStream::connect(target.addr)
             .await
             .map_err(Failure::Connect)?;
@@ -83,7 +83,7 @@ impl Conn {
     /// Sends `GET path` and reads the whole body (so the connection can carry
     /// the next request). Returns the status; on `Err` the connection is
     /// unusable and must be dropped.
-    pub async fn get(&mut self, target: &Target, path: &str) -> Result<StatusCode, Failure> {
+    pub(crate) async fn get(&mut self, target: &Target, path: &str) -> Result<StatusCode, Failure> {
         self.sender.ready().await.map_err(Failure::Http)?;
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, &target.authority)
@@ -104,7 +104,7 @@ impl Conn {
     }
 
     /// Whether the server closed it (e.g. after `Connection: close`).
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.sender.is_closed()
     }
 }

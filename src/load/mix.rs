@@ -14,25 +14,25 @@ use hyper::http::uri::PathAndQuery;
 
 /// The largest sum of weights: the cycle of routes is built once, one slot
 /// per unit of weight.
-pub const MAX_TOTAL_WEIGHT: u32 = 100_000;
+pub(crate) const MAX_TOTAL_WEIGHT: u32 = 100_000;
 
 /// One route of the mix: a path with its query, and its weight.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Route {
+pub(crate) struct Route {
     pub path: String,
     pub weight: u32,
 }
 
 /// The routes and the order in which requests take them.
 #[derive(Debug, Clone)]
-pub struct Mix {
+pub(crate) struct Mix {
     routes: Vec<Route>,
     /// Index into `routes` for request `i % cycle.len()`.
     cycle: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MixError(String);
+pub(crate) struct MixError(String);
 
 impl fmt::Display for MixError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -44,7 +44,7 @@ impl std::error::Error for MixError {}
 
 impl Mix {
     /// A mix of one route, taken by every request.
-    pub fn single(path: &str) -> Result<Mix, MixError> {
+    pub(crate) fn single(path: &str) -> Result<Mix, MixError> {
         Mix::new(vec![Route {
             path: check_path(path)?,
             weight: 1,
@@ -53,7 +53,7 @@ impl Mix {
 
     /// Parses `PATH[:WEIGHT],PATH[:WEIGHT],…`. The weight, a positive
     /// integer, follows the *last* colon and defaults to 1.
-    pub fn parse(text: &str) -> Result<Mix, MixError> {
+    pub(crate) fn parse(text: &str) -> Result<Mix, MixError> {
         let mut routes = Vec::new();
         for entry in text.split(',').map(str::trim) {
             if entry.is_empty() {
@@ -111,12 +111,12 @@ impl Mix {
         Ok(Mix { routes, cycle })
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub(crate) fn routes(&self) -> &[Route] {
         &self.routes
     }
 
     /// The index (into [`Mix::routes`]) of the route request `n` takes.
-    pub fn pick(&self, n: u64) -> usize {
+    pub(crate) fn pick(&self, n: u64) -> usize {
         self.cycle[(n % self.cycle.len() as u64) as usize]
     }
 }

@@ -40,11 +40,11 @@
 //! and reports its own CPU, so one can see it is not the bottleneck.
 
 mod cli;
-pub mod client;
-pub mod mix;
-pub mod stats;
+pub(crate) mod client;
+pub(crate) mod mix;
+pub(crate) mod stats;
 
-pub use cli::{LoadArgs, main};
+pub(crate) use cli::{LoadArgs, main};
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,7 @@ use stats::{CpuUse, Head, Outcome, Report, Tally};
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// A fixed rate in requests per second, latency from the schedule.
     Open { rate: f64 },
     /// A fixed number of connections, each one request at a time.
@@ -70,7 +70,7 @@ pub enum Mode {
 
 /// One load run, checked and ready.
 #[derive(Debug, Clone)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// The `--url` as given, for the report.
     pub url: String,
     pub target: Target,
@@ -108,7 +108,7 @@ impl Shared {
 /// Runs `spec` to completion on the current runtime and reports. Always
 /// returns within about `spec.duration`: requests still waiting then are
 /// counted as unfinished, with their wait so far.
-pub async fn run(spec: &Spec, progress: bool) -> Report {
+pub(crate) async fn run(spec: &Spec, progress: bool) -> Report {
     let shared = Arc::new(Shared {
         tallies: Mutex::new(vec![Tally::default(); spec.mix.routes().len()]),
         ..Shared::default()
@@ -365,7 +365,7 @@ async fn progress_line(shared: Arc<Shared>, start: Instant, mode: Mode) {
 }
 
 /// This process's (user, system) CPU seconds so far.
-pub fn process_cpu() -> Option<(f64, f64)> {
+pub(crate) fn process_cpu() -> Option<(f64, f64)> {
     use nix::sys::resource::{UsageWho, getrusage};
     let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
     let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;

@@ -22,7 +22,7 @@ const HIGHEST_US: u64 = 3_600_000_000;
 
 /// Counts of one route (or of all of them).
 #[derive(Clone)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub latency: Histogram<u64>,
     pub service: Histogram<u64>,
     /// Answers by HTTP status.
@@ -53,7 +53,7 @@ impl Default for Tally {
 }
 
 /// What happened to one request.
-pub enum Outcome {
+pub(crate) enum Outcome {
     Answered {
         status: u16,
         latency: Duration,
@@ -70,7 +70,7 @@ pub enum Outcome {
 }
 
 impl Tally {
-    pub fn record(&mut self, outcome: &Outcome) {
+    pub(crate) fn record(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Answered {
                 status,
@@ -89,7 +89,7 @@ impl Tally {
         }
     }
 
-    pub fn answered(&self) -> u64 {
+    pub(crate) fn answered(&self) -> u64 {
         self.statuses.values().sum()
     }
 
@@ -112,7 +112,7 @@ fn micros(d: Duration) -> u64 {
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct Percentiles {
+pub(crate) struct Percentiles {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -122,7 +122,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    pub fn of(h: &Histogram<u64>) -> Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Percentiles {
         if h.is_empty() {
             return Percentiles::default();
         }
@@ -140,7 +140,7 @@ impl Percentiles {
 
 /// The figures of one route, or of all routes together.
 #[derive(Debug, Clone, Serialize)]
-pub struct RouteReport {
+pub(crate) struct RouteReport {
     pub path: String,
     /// Requests the run started (answered + failed + unfinished).
     pub requests: u64,
@@ -184,7 +184,7 @@ impl RouteReport {
 
 /// The generator's own CPU time over the run.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct CpuUse {
+pub(crate) struct CpuUse {
     pub user_s: f64,
     pub system_s: f64,
     /// (user + system) / elapsed: 1.0 is one core busy all the time.
@@ -193,7 +193,7 @@ pub struct CpuUse {
 
 /// The result of one `stall-lab load` run.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub url: String,
     /// `open` (fixed rate) or `closed` (fixed concurrency).
     pub mode: &'static str,
@@ -210,7 +210,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(
+    pub(crate) fn new(
         head: Head,
         paths: &[String],
         tallies: &[Tally],
@@ -239,12 +239,12 @@ impl Report {
     }
 
     /// The figures of the route whose path is `path`.
-    pub fn route(&self, path: &str) -> Option<&RouteReport> {
+    pub(crate) fn route(&self, path: &str) -> Option<&RouteReport> {
         self.routes.iter().find(|r| r.path == path)
     }
 
     /// The human-readable table `stall-lab load` prints.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = String::new();
         let how = match (self.rate, self.concurrency) {
             (Some(rate), _) => format!("open loop at {rate} req/s"),
@@ -345,7 +345,7 @@ impl Report {
 }
 
 /// The parts of a report that describe the run, not its results.
-pub struct Head {
+pub(crate) struct Head {
     pub url: String,
     pub mode: &'static str,
     pub rate: Option<f64>,

@@ -34,7 +34,7 @@ use crate::params::Params;
 use crate::report::{Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/block/cpu",
     params: &["ms"],
     lesson: "a CPU loop that never reaches an .await holds its worker thread until it is done",
@@ -48,7 +48,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,

@@ -38,7 +38,7 @@ use crate::params::Params;
 use crate::report::{Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/block/sleep",
     params: &["ms"],
     lesson: "std::thread::sleep in an async handler holds its worker thread for the whole sleep",
@@ -52,7 +52,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,

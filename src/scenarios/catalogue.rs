@@ -11,7 +11,7 @@ use super::ALL;
 use crate::state::AppState;
 
 /// The lesson, in five lines; the README opens with the same words.
-pub const LESSON: [&str; 5] = [
+pub(super) const LESSON: [&str; 5] = [
     "axum routes and extracts; it schedules nothing. Concurrency comes from the runtime polling many request tasks; parallelism only from several worker threads.",
     "async is not parallel: a handler that never reaches an .await holds its worker thread for the whole call, and every task queued on that worker waits.",
     "On a current_thread runtime nothing runs in parallel; handlers interleave at .await points.",
@@ -19,7 +19,7 @@ pub const LESSON: [&str; 5] = [
     "Parallelism inside a handler is explicit: spawned tasks, join!, spawn_blocking.",
 ];
 
-pub async fn handler(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(super) async fn handler(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

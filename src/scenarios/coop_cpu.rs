@@ -31,7 +31,7 @@ use crate::params::Params;
 use crate::report::{Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/coop/cpu",
     params: &["ms"],
     lesson: "the same CPU work in ~1 ms slices with yield_now().await between them shares the worker",
@@ -44,13 +44,13 @@ pub const SCENARIO: Scenario = Scenario {
 /// How much work runs between two yields: short enough that a request
 /// queued behind this one waits about a millisecond, long enough that the
 /// cost of a yield (a trip through the scheduler) stays small.
-pub const SLICE: Duration = Duration::from_millis(1);
+pub(super) const SLICE: Duration = Duration::from_millis(1);
 
 fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,

@@ -27,7 +27,7 @@ use crate::params::Params;
 use crate::report::{Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/coop/sleep",
     params: &["ms"],
     lesson: "tokio::time::sleep(..).await waits without holding a worker: the thread serves others meanwhile",
@@ -41,7 +41,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(_state): State<AppState>,
     probe: Probe,
     params: Params,

@@ -29,7 +29,7 @@ use crate::params::Params;
 use crate::report::{Job, Probe, Report, fmt_ms, job_threads, parallelism};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/fanout/offload",
     params: &["n", "ms"],
     lesson: "n CPU jobs on spawn_blocking run in parallel on the blocking pool, even on current_thread, holding no worker",
@@ -43,7 +43,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,

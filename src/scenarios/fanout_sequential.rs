@@ -25,7 +25,7 @@ use crate::params::Params;
 use crate::report::{Job, Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/fanout/sequential",
     params: &["n", "ms"],
     lesson: "the same n waits awaited one by one take n·ms: nothing blocks, but nothing overlaps either",
@@ -39,7 +39,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(_state): State<AppState>,
     probe: Probe,
     params: Params,

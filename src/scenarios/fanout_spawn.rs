@@ -30,7 +30,7 @@ use crate::params::Params;
 use crate::report::{Job, Probe, Report, fmt_ms, job_places, parallelism};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/fanout/spawn",
     params: &["n", "ms"],
     lesson: "n spawned CPU tasks run in parallel only when there is more than one worker, and each holds the worker it runs on",
@@ -41,13 +41,13 @@ pub const SCENARIO: Scenario = Scenario {
 };
 
 /// Task name of the spawned jobs in tokio-console.
-pub const JOB_TASK_NAME: &str = "GET /fanout/spawn job";
+pub(super) const JOB_TASK_NAME: &str = "GET /fanout/spawn job";
 
 fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,

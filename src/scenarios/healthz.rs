@@ -28,7 +28,7 @@ use crate::params::Params;
 use crate::report::{Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/healthz",
     params: &[],
     lesson: "answers at once; its latency is the executor's health, and it suffers when workers stall",
@@ -42,7 +42,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(_state): State<AppState>,
     probe: Probe,
     params: Params,

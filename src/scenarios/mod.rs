@@ -14,18 +14,18 @@ use axum::routing::get;
 
 use crate::state::AppState;
 
-pub mod block_cpu;
-pub mod block_sleep;
-pub mod catalogue;
-pub mod coop_cpu;
-pub mod coop_sleep;
-pub mod downstream;
-pub mod fanout_join;
-pub mod fanout_offload;
-pub mod fanout_sequential;
-pub mod fanout_spawn;
-pub mod healthz;
-pub mod offload_cpu;
+mod block_cpu;
+mod block_sleep;
+mod catalogue;
+mod coop_cpu;
+mod coop_sleep;
+mod downstream;
+mod fanout_join;
+mod fanout_offload;
+mod fanout_sequential;
+mod fanout_spawn;
+mod healthz;
+mod offload_cpu;
 
 /// Every scenario, in the order the catalogue lists them.
 pub const ALL: &[Scenario] = &[

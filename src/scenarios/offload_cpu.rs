@@ -28,7 +28,7 @@ use crate::params::Params;
 use crate::report::{Job, Probe, Report, fmt_ms};
 use crate::state::AppState;
 
-pub const SCENARIO: Scenario = Scenario {
+pub(super) const SCENARIO: Scenario = Scenario {
     route: "/offload/cpu",
     params: &["ms"],
     lesson: "the same CPU work on spawn_blocking runs on the blocking pool: the worker is free at once",
@@ -42,7 +42,7 @@ fn route() -> axum::routing::MethodRouter<AppState> {
     axum::routing::get(handler)
 }
 
-pub async fn handler(
+pub(super) async fn handler(
     State(state): State<AppState>,
     probe: Probe,
     params: Params,
