@@ -94,11 +94,9 @@ impl IntoResponse for Report {
             )
                 .into_response(),
             // What `Json` does: a report that cannot be serialized is a bug.
-            Err(e) => (
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-            )
-                .into_response(),
+            Err(e) => {
+                (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+            }
         }
     }
 }
@@ -297,13 +295,27 @@ impl<S: Send + Sync> FromRequestParts<S> for Probe {
 
 /// Formats milliseconds for verdicts: whole numbers above 10 ms, one
 /// decimal below, so "held worker 1 for 203 ms" and "busy for 0.1 ms".
-pub fn fmt_ms(value: f64) -> String {
-    if value >= 10.0 {
-        format!("{value:.0} ms")
-    } else if value >= 0.1 {
-        format!("{value:.1} ms")
-    } else {
-        format!("{value:.2} ms")
+///
+/// A `Display` value, not a `String`: verdicts are `format!`ed, and each
+/// `String` here was an allocation of its own on every request.
+pub fn fmt_ms(value: f64) -> Millis {
+    Millis(value)
+}
+
+/// Milliseconds as verdicts write them (see [`fmt_ms`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Millis(pub f64);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.0;
+        if value >= 10.0 {
+            write!(f, "{value:.0} ms")
+        } else if value >= 0.1 {
+            write!(f, "{value:.1} ms")
+        } else {
+            write!(f, "{value:.2} ms")
+        }
     }
 }
 

@@ -82,11 +82,19 @@ pub async fn run_in_own_task(
     // Before the span is first entered: afterwards its parent is fixed.
     crate::telemetry::set_parent_from_headers(&span, req.headers());
     let ids = crate::telemetry::span_ids(&span);
+    // What the ids are needed for, made before the culprit takes them.
+    // W3C Trace Context level 2: tells the client which trace to look up.
+    let traceresponse = ids
+        .as_ref()
+        .and_then(|(trace_id, span_id)| traceresponse(trace_id, span_id));
+    let trace_id = ids
+        .as_ref()
+        .map(|(trace_id, _)| Arc::<str>::from(trace_id.as_str()));
 
     let culprit = state
         .watch
         .as_ref()
-        .map(|_| state.culprit(&name, route, ids.as_ref(), &span));
+        .map(|_| state.culprit(&name, route, ids, &span));
     let stats = PollStats::new();
     // The kernel stamped the request's bytes when they reached the socket;
     // it is now fully read, so their age is how long it waited to be read.
@@ -102,9 +110,7 @@ pub async fn run_in_own_task(
         stats: stats.clone(),
         started: Instant::now(),
         culprit: culprit.clone(),
-        trace_id: ids
-            .as_ref()
-            .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
+        trace_id,
         watch: state.watch.clone(),
     };
     req.extensions_mut().insert(probe);
@@ -143,10 +149,7 @@ pub async fn run_in_own_task(
 
     record_outcome(&span, response.status(), &stats);
 
-    // W3C Trace Context level 2: tells the client which trace to look up.
-    if let Some((trace_id, span_id)) = ids
-        && let Some(value) = traceresponse(&trace_id, &span_id)
-    {
+    if let Some(value) = traceresponse {
         response.headers_mut().insert("traceresponse", value);
     }
     response
@@ -216,7 +219,13 @@ fn traceresponse(trace_id: &str, span_id: &str) -> Option<HeaderValue> {
     let len = 3 + trace_id.len() + 1 + span_id.len() + 3;
     let out = buf.get_mut(..len)?;
     let mut at = 0;
-    for part in [b"00-".as_slice(), trace_id.as_bytes(), b"-", span_id.as_bytes(), b"-01"] {
+    for part in [
+        b"00-".as_slice(),
+        trace_id.as_bytes(),
+        b"-",
+        span_id.as_bytes(),
+        b"-01",
+    ] {
         out[at..at + part.len()].copy_from_slice(part);
         at += part.len();
     }
