@@ -26,7 +26,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -49,12 +48,11 @@ pub(crate) async fn run_in_own_task(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(UNMATCHED, |m| m.as_str())
-        .to_owned();
-    let name = state.task_name(req.method(), &route);
+    // `MatchedPath` is an `Arc<str>` inside: a clone is a reference count,
+    // where `to_owned()` on its `&str` allocated on every request.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    let name = state.task_name(req.method(), route);
 
     // A root span in tracing's tree: its parent is the caller's trace
     // (`traceparent`, below), not whatever span is current here (the
@@ -69,7 +67,7 @@ pub(crate) async fn run_in_own_task(
         otel.kind = "server",
         otel.status_code = Empty,
         http.request.method = req.method().as_str(),
-        http.route = route.as_str(),
+        http.route = route,
         url.path = req.uri().path(),
         http.response.status_code = Empty,
         wall_ms = Empty,
@@ -83,11 +81,19 @@ pub(crate) async fn run_in_own_task(
     // Before the span is first entered: afterwards its parent is fixed.
     crate::telemetry::set_parent_from_headers(&span, req.headers());
     let ids = crate::telemetry::span_ids(&span);
+    // What the ids are needed for, made before the culprit takes them.
+    // W3C Trace Context level 2: tells the client which trace to look up.
+    let traceresponse = ids
+        .as_ref()
+        .and_then(|(trace_id, span_id)| traceresponse(trace_id, span_id));
+    let trace_id = ids
+        .as_ref()
+        .map(|(trace_id, _)| Arc::<str>::from(trace_id.as_str()));
 
     let culprit = state
         .watch
         .as_ref()
-        .map(|_| state.culprit(&name, &route, ids.as_ref(), &span));
+        .map(|_| state.culprit(&name, route, ids, &span));
     let stats = PollStats::new();
     // The kernel stamped the request's bytes when they reached the socket;
     // it is now fully read, so their age is how long it waited to be read.
@@ -101,11 +107,10 @@ pub(crate) async fn run_in_own_task(
     // The handler gets the probe; the middleware keeps the statistics.
     let probe = Probe {
         stats: stats.clone(),
-        started: Instant::now(),
+        // The statistics were created a moment ago: one clock read, not two.
+        started: stats.created(),
         culprit: culprit.clone(),
-        trace_id: ids
-            .as_ref()
-            .map(|(trace_id, _)| Arc::from(trace_id.as_str())),
+        trace_id,
         watch: state.watch.clone(),
     };
     req.extensions_mut().insert(probe);
@@ -144,10 +149,7 @@ pub(crate) async fn run_in_own_task(
 
     record_outcome(&span, response.status(), &stats);
 
-    // W3C Trace Context level 2: tells the client which trace to look up.
-    if let Some((trace_id, span_id)) = ids
-        && let Ok(value) = HeaderValue::from_str(&format!("00-{trace_id}-{span_id}-01"))
-    {
+    if let Some(value) = traceresponse {
         response.headers_mut().insert("traceresponse", value);
     }
     response
@@ -187,12 +189,12 @@ fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
     ];
     let code = u64::from(status.as_u16());
     let error = status.is_server_error().then_some("ERROR");
-    let workers = stats
-        .workers
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    // One string, written in place: no `String` per worker and no `Vec`.
+    let mut workers = String::with_capacity(24);
+    for (i, place) in stats.workers.iter().enumerate() {
+        use std::fmt::Write;
+        let _ = write!(workers, "{}{place}", if i == 0 { "" } else { ", " });
+    }
     let workers = workers.as_str();
     let values: [Option<&dyn Value>; 9] = [
         Some(&code),
@@ -208,6 +210,26 @@ fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
     let pairs: [(&tracing::field::Field, Option<&dyn Value>); 9] =
         std::array::from_fn(|i| (&keys[i], values[i]));
     span.record_all(&fields.value_set(&pairs));
+}
+
+/// `00-{trace}-{span}-01` (W3C Trace Context level 2), built on the stack:
+/// the header value is its only allocation.
+fn traceresponse(trace_id: &str, span_id: &str) -> Option<HeaderValue> {
+    let mut buf = [0u8; 64];
+    let len = 3 + trace_id.len() + 1 + span_id.len() + 3;
+    let out = buf.get_mut(..len)?;
+    let mut at = 0;
+    for part in [
+        b"00-".as_slice(),
+        trace_id.as_bytes(),
+        b"-",
+        span_id.as_bytes(),
+        b"-01",
+    ] {
+        out[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    HeaderValue::from_bytes(out).ok()
 }
 
 /// Decrements the in-flight gauge however the request ends.

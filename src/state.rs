@@ -83,23 +83,22 @@ impl AppState {
     }
 
     /// Who a request is, for the stall watcher: shared per route unless the
-    /// request has its own trace ids.
+    /// request has its own trace ids (taken, not copied: the culprit is
+    /// their last user).
     pub fn culprit(
         &self,
         task: &Arc<str>,
         route: &str,
-        ids: Option<&(String, String)>,
+        ids: Option<(String, String)>,
         span: &tracing::Span,
     ) -> Arc<Culprit> {
-        match (ids, self.names.get(route)) {
+        match (&ids, self.names.get(route)) {
             (None, Some(names)) if Arc::ptr_eq(task, &names.task) => names.untraced.clone(),
             _ => {
                 let culprit = Culprit::new(task.clone());
                 Arc::new(match ids {
                     // Traced: the stall's span will link to this one.
-                    Some((trace, span_id)) => culprit
-                        .with_trace(trace.clone(), span_id.clone())
-                        .with_span(span),
+                    Some((trace, span_id)) => culprit.with_trace(trace, span_id).with_span(span),
                     None => culprit,
                 })
             }

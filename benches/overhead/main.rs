@@ -48,7 +48,8 @@
 //!
 //! Layout: `variant` (the variants, results per variant), `servers` (the
 //! child processes), `receiver` (the OTLP receiver), `load` (the client),
-//! `measure` (one variant once: CPU, RSS, spans), `report` (the table and
+//! `measure` (one variant once: CPU, RSS, spans; allocations, counted by
+//! `allocs`), `report` (the table and
 //! targets), `watcher_cost` (the watcher measured in process) with
 //! `in_process`, the bench's only calls into stall-lab's library.
 
@@ -56,6 +57,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod allocs;
 mod in_process;
 mod load;
 mod measure;
@@ -65,7 +67,7 @@ mod servers;
 mod variant;
 mod watcher_cost;
 
-use measure::{Outcome, clock_ticks_per_second, measure};
+use measure::{Outcome, clock_ticks_per_second, count_allocs, measure};
 use receiver::start_otlp_receiver;
 use report::{Results, report};
 use servers::{bare_server, stall_lab_binary};
@@ -75,13 +77,17 @@ use watcher_cost::measure_watcher_cost;
 /// The allocator stall-lab's binary uses (see `src/bin/stall-lab.rs`), so
 /// that the bare axum server differs from stall-lab by the instrumentation
 /// only, not by its allocator.
+/// Wrapped to count allocations, only in a child asked to (see `allocs`).
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: allocs::Counting = allocs::Counting(tikv_jemallocator::Jemalloc);
 
 /// Set in the child environment to run this binary as the bare axum server.
 pub(crate) const BARE_SERVER_ENV: &str = "OVERHEAD_BARE_SERVER";
 /// Its value for the naive everything-on server instead of the bare one.
 pub(crate) const NAIVE: &str = "naive";
+/// Its value for stall-lab itself, run from this binary (`stall_lab::cli`)
+/// so that its allocations are counted (see `allocs`).
+pub(crate) const STALL_LAB_HERE: &str = "stall-lab";
 /// The real server, built by cargo for benches and integration tests.
 pub(crate) const STALL_LAB: &str = env!("CARGO_BIN_EXE_stall-lab");
 pub(crate) const REPRODUCE: &str = "cargo bench --bench overhead";
@@ -90,6 +96,10 @@ pub(crate) const WARMUP: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     if let Some(which) = std::env::var_os(BARE_SERVER_ENV) {
+        allocs::serve_counts_if_asked();
+        if which == STALL_LAB_HERE {
+            return stall_lab::cli::main();
+        }
         return bare_server(which == NAIVE);
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and a
@@ -186,6 +196,21 @@ fn run() -> Result<ExitCode, String> {
         "  measuring the stall watcher in isolation (hooks per poll, polls per request, registry)…"
     );
     let watcher = measure_watcher_cost();
+    println!("  counting allocations per request (each variant once, from this binary)…");
+    for variant in Variant::EVERY {
+        let r = &mut results[variant];
+        if r.skipped.is_some() {
+            continue;
+        }
+        match count_allocs(variant, &settings, &client, receiver_addr) {
+            Ok(Some(n)) => {
+                println!("  {:<45} {n:>8.1} allocations/request", variant.label());
+                r.allocs_per_request = Some(n);
+            }
+            Ok(None) => println!("  {:<45} not counted", variant.label()),
+            Err(e) => println!("  {:<45} counting failed: {e}", variant.label()),
+        }
+    }
     for round in 1..=settings.rounds {
         for variant in Variant::EVERY {
             let r = &mut results[variant];

@@ -58,7 +58,7 @@ pub(crate) fn measure(
 ) -> Result<Outcome, String> {
     let (receiver_addr, received) = receiver;
     let spans_before = received.spans.load(Ordering::Relaxed);
-    let server = match start_server(variant.command(receiver_addr)?)? {
+    let server = match start_server(variant.command(receiver_addr, false)?)? {
         Started::Up(server) => server,
         Started::Exited { code, stderr } => {
             let said = stderr.join("\n");
@@ -233,4 +233,32 @@ pub(crate) fn clock_ticks_per_second() -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100)
+}
+
+/// Allocations per completed request of `variant`, from this bench binary
+/// running it with its allocations counted (see `allocs`): the count over
+/// `window` after the warm-up, over the requests answered in it. `None`
+/// when the variant could not start (e.g. a build without a config key).
+pub(crate) fn count_allocs(
+    variant: Variant,
+    settings: &Settings,
+    client: &tokio::runtime::Runtime,
+    receiver_addr: SocketAddr,
+) -> Result<Option<f64>, String> {
+    let Started::Up(mut server) = start_server(variant.command(receiver_addr, true)?)? else {
+        return Ok(None);
+    };
+    let load = Load::start(client, server.app, settings.connections);
+    std::thread::sleep(WARMUP);
+    let ok0 = load.counters.ok.load(Ordering::Relaxed);
+    let a0 = server.allocations()?;
+    std::thread::sleep(settings.window.min(Duration::from_secs(2)));
+    let a1 = server.allocations()?;
+    let ok1 = load.counters.ok.load(Ordering::Relaxed);
+    load.stop(client);
+    let requests = ok1.saturating_sub(ok0);
+    if requests == 0 {
+        return Err("no request completed".into());
+    }
+    Ok(Some(a1.saturating_sub(a0) as f64 / requests as f64))
 }

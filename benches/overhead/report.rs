@@ -26,6 +26,8 @@ pub(crate) struct Results {
     pub(crate) samples: Vec<Sample>,
     pub(crate) skipped: Option<String>,
     pub(crate) failed: Option<String>,
+    /// Allocations per request, counted once (see `allocs`).
+    pub(crate) allocs_per_request: Option<f64>,
 }
 
 impl Results {
@@ -47,10 +49,17 @@ pub(crate) fn report(
     let bare = results[Variant::Bare].cpu();
     println!();
     println!(
-        "{:<45} {:>9} {:>12} {:>8} {:>7} {:>10} {:>16}",
-        "variant", "req/s", "CPU µs/req", "× bare", "cores", "spans/req", "µs/req min–max"
+        "{:<45} {:>9} {:>12} {:>8} {:>7} {:>10} {:>16} {:>11}",
+        "variant",
+        "req/s",
+        "CPU µs/req",
+        "× bare",
+        "cores",
+        "spans/req",
+        "µs/req min–max",
+        "allocs/req"
     );
-    println!("{}", "-".repeat(45 + 9 + 12 + 8 + 7 + 10 + 16 + 6));
+    println!("{}", "-".repeat(45 + 9 + 12 + 8 + 7 + 10 + 16 + 11 + 7));
     for (variant, r) in results.iter() {
         let Some(cpu) = r.cpu() else {
             let why = r
@@ -75,8 +84,11 @@ pub(crate) fn report(
         let (lo, hi) = r.samples.iter().fold((f64::MAX, f64::MIN), |(lo, hi), s| {
             (lo.min(s.cpu_us_per_request), hi.max(s.cpu_us_per_request))
         });
+        let allocs = r
+            .allocs_per_request
+            .map_or("-".to_string(), |n| format!("{n:.1}"));
         println!(
-            "{:<45} {rps:>9.0} {cpu:>12.2} {ratio:>8} {cores:>7.2} {spans:>10} {:>16}",
+            "{:<45} {rps:>9.0} {cpu:>12.2} {ratio:>8} {cores:>7.2} {spans:>10} {:>16} {allocs:>11}",
             variant.label(),
             format!("{lo:.2}–{hi:.2}"),
         );

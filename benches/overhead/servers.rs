@@ -18,8 +18,9 @@ use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
+use crate::allocs::COUNT_ALLOCS_ENV;
 use crate::variant::Variant;
-use crate::{BARE_SERVER_ENV, NAIVE, REPRODUCE, STALL_LAB, STARTUP_TIMEOUT};
+use crate::{BARE_SERVER_ENV, NAIVE, REPRODUCE, STALL_LAB, STALL_LAB_HERE, STARTUP_TIMEOUT};
 
 /// Environment variables of our own shell that would change a server's
 /// telemetry or configuration; removed from every child.
@@ -113,22 +114,39 @@ fn naive_telemetry() -> Result<SdkTracerProvider, String> {
 }
 
 impl Variant {
-    /// The command that starts this variant's server.
-    pub(crate) fn command(self, otlp_receiver: SocketAddr) -> Result<Command, String> {
+    /// The command that starts this variant's server; with `count_allocs`,
+    /// always this bench binary, counting its allocations (see `allocs`).
+    pub(crate) fn command(
+        self,
+        otlp_receiver: SocketAddr,
+        count_allocs: bool,
+    ) -> Result<Command, String> {
+        let this_exe = || {
+            std::env::current_exe()
+                .map(Command::new)
+                .map_err(|e| format!("cannot find this bench's own executable: {e}"))
+        };
         let mut command = if matches!(self, Self::Bare | Self::Naive) {
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("cannot find this bench's own executable: {e}"))?;
-            let mut c = Command::new(exe);
+            let mut c = this_exe()?;
             c.env(
                 BARE_SERVER_ENV,
                 if self == Self::Naive { NAIVE } else { "1" },
             );
             c
         } else {
-            let mut c = Command::new(stall_lab_binary()?);
+            let mut c = if count_allocs {
+                let mut c = this_exe()?;
+                c.env(BARE_SERVER_ENV, STALL_LAB_HERE);
+                c
+            } else {
+                Command::new(stall_lab_binary()?)
+            };
             c.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"]);
             c
         };
+        if count_allocs {
+            command.env(COUNT_ALLOCS_ENV, "1");
+        }
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
             if SCRUBBED_PREFIXES.iter().any(|p| key.starts_with(p)) {
@@ -191,11 +209,28 @@ pub(crate) struct Server {
     pub(crate) stderr: Arc<Mutex<Vec<String>>>,
     /// Every line it logged, including those past [`MAX_STDERR_LINES`].
     pub(crate) stderr_total: Arc<AtomicU64>,
+    /// Its `allocs: N` answers, when it counts allocations.
+    allocs: mpsc::Receiver<u64>,
 }
 
 impl Server {
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Allocations the server made so far, if it counts them (started with
+    /// `count_allocs`).
+    pub(crate) fn allocations(&mut self) -> Result<u64, String> {
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .ok_or("this server does not count allocations")?;
+        writeln!(stdin).map_err(|e| format!("asking for allocations: {e}"))?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        self.allocs
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|e| format!("no allocation count: {e}"))
     }
 
     /// Lines the server logged on stderr (warnings and errors only).
@@ -253,8 +288,15 @@ fn strip_ansi(line: &str) -> String {
 }
 
 pub(crate) fn start_server(mut command: Command) -> Result<Started, String> {
+    let counts = command
+        .get_envs()
+        .any(|(key, value)| key == COUNT_ALLOCS_ENV && value.is_some());
     command
-        .stdin(Stdio::null())
+        .stdin(if counts {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let program = command.get_program().to_string_lossy().into_owned();
@@ -282,6 +324,7 @@ pub(crate) fn start_server(mut command: Command) -> Result<Started, String> {
     });
 
     let (tx, rx) = mpsc::channel();
+    let (allocs_tx, allocs) = mpsc::channel();
     let stdout = child.stdout.take().expect("piped");
     std::thread::spawn(move || {
         // Keeps reading after the line we want, so the pipe never fills.
@@ -289,6 +332,8 @@ pub(crate) fn start_server(mut command: Command) -> Result<Started, String> {
             let Ok(line) = line else { break };
             if let Some(addr) = line.strip_prefix("listening: app http://") {
                 let _ = tx.send(addr.trim().to_string());
+            } else if let Some(n) = line.strip_prefix("allocs: ") {
+                let _ = allocs_tx.send(n.trim().parse().unwrap_or(u64::MAX));
             }
         }
     });
@@ -306,6 +351,7 @@ pub(crate) fn start_server(mut command: Command) -> Result<Started, String> {
                     app,
                     stderr: stderr_lines,
                     stderr_total,
+                    allocs,
                 }));
             }
             Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {}

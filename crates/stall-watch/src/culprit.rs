@@ -85,9 +85,12 @@ pub(crate) struct Culprits {
 #[derive(Debug, Default)]
 struct Registry {
     live: HashMap<u64, Arc<Culprit>>,
-    retired: HashMap<u64, Arc<Culprit>>,
-    /// Retired task ids, oldest first, with when they retired.
-    retired_order: VecDeque<(Instant, u64)>,
+    /// Retired culprits, oldest first, with when they retired. A queue, not
+    /// a map: every request retires one, and only a long poll or a stall
+    /// looks one up, so retiring is a push (no hashing, no rehashing of a
+    /// map that holds a second's worth of requests) and the rare lookup
+    /// scans from the newest.
+    retired: VecDeque<(Instant, u64, Arc<Culprit>)>,
 }
 
 impl Culprits {
@@ -102,10 +105,10 @@ impl Culprits {
     /// The task no longer runs on behalf of its culprit; it stays findable
     /// for [`RETIRED_FOR`] (see there).
     pub(crate) fn unregister(&self, task: u64) {
+        let now = Instant::now();
         let mut registry = self.inner.lock().expect("culprits lock");
         if let Some(culprit) = registry.live.remove(&task) {
-            registry.retired.insert(task, culprit);
-            registry.retired_order.push_back((Instant::now(), task));
+            registry.retired.push_back((now, task, culprit));
         }
     }
 
@@ -114,20 +117,28 @@ impl Culprits {
         registry
             .live
             .get(&task)
-            .or_else(|| registry.retired.get(&task))
+            .or_else(|| {
+                registry
+                    .retired
+                    .iter()
+                    .rev()
+                    .find(|(_, id, _)| *id == task)
+                    .map(|(_, _, culprit)| culprit)
+            })
             .cloned()
     }
 
     /// Forgets culprits retired longer than [`RETIRED_FOR`] ago (the
     /// watcher calls it every tick).
     pub(crate) fn purge(&self) {
+        // One clock read for the whole purge, not one per entry.
+        let now = Instant::now();
         let mut registry = self.inner.lock().expect("culprits lock");
-        while let Some(&(at, task)) = registry.retired_order.front() {
-            if at.elapsed() < RETIRED_FOR {
+        while let Some((at, _, _)) = registry.retired.front() {
+            if now.saturating_duration_since(*at) < RETIRED_FOR {
                 break;
             }
-            registry.retired_order.pop_front();
-            registry.retired.remove(&task);
+            registry.retired.pop_front();
         }
     }
 }
