@@ -6,7 +6,8 @@
 //! (`OVERHEAD_SECS`, default 5, sets the measured window per run;
 //! `OVERHEAD_ROUNDS` (3), `OVERHEAD_CONNS` (32) and `OVERHEAD_CLIENT_THREADS`
 //! (1) the rest; `OVERHEAD_VARIANTS=all,all-no-watcher` runs a subset, named
-//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher, naive. Run by `cargo test
+//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher, naive;
+//! `OVERHEAD_STALL_LAB=<path>` runs another build of stall-lab. Run by `cargo test
 //! --benches`, it only prints how to run it.)
 //!
 //! Variants, each a child process with 2 app worker threads:

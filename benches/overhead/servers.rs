@@ -190,7 +190,23 @@ impl Variant {
     }
 }
 
+/// The release build of stall-lab that the variants run.
+///
+/// `OVERHEAD_STALL_LAB=<path>` measures another build instead (an older
+/// commit's, for a before/after in the same conditions); the allocation
+/// counts still come from this build.
 pub(crate) fn stall_lab_binary() -> Result<PathBuf, String> {
+    if let Some(other) = std::env::var_os("OVERHEAD_STALL_LAB") {
+        let path = PathBuf::from(other);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "OVERHEAD_STALL_LAB: {} is not a file",
+                path.display()
+            ))
+        };
+    }
     let path = PathBuf::from(STALL_LAB);
     if path.is_file() {
         Ok(path)

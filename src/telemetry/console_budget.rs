@@ -224,6 +224,23 @@ pub fn keep_this_thread_out_of_the_console() {
     PLUMBING_THREAD.set(true);
 }
 
+/// Runs `f` with nothing it spawns or creates (tasks, timers, channels)
+/// recorded by tokio-console: for plumbing made *inside* a recorded task
+/// over and over, such as hyper's per-request header timer in a connection
+/// task, which the console would otherwise keep, one resource per request,
+/// for the whole retention.
+pub fn out_of_the_console<T>(f: impl FnOnce() -> T) -> T {
+    /// Puts the flag back as it was, also if `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PLUMBING_THREAD.set(self.0);
+        }
+    }
+    let _restore = Restore(PLUMBING_THREAD.replace(true));
+    f()
+}
+
 /// The whole subscriber, with the console's budget in front of it.
 ///
 /// - A task span the budget refuses is disabled before any layer is asked,

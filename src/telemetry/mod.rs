@@ -51,7 +51,9 @@ mod propagation;
 mod settings;
 mod side_thread;
 
-pub use console_budget::{BudgetSnapshot, ConsoleBudget, keep_this_thread_out_of_the_console};
+pub use console_budget::{
+    BudgetSnapshot, ConsoleBudget, keep_this_thread_out_of_the_console, out_of_the_console,
+};
 pub use export::{ExportCounters, ExportSnapshot, ShutdownReport};
 pub use init::{Telemetry, init};
 pub use propagation::{inject_headers, set_parent_from_headers, span_ids};

@@ -225,8 +225,10 @@ async fn tokio_console_shows_a_task_named_after_the_route() {
 
 /// Fires 20 `/healthz` and 20 `/coop/sleep`, and returns how many
 /// `GET /healthz` tasks and how many `/coop/sleep` timers the console
-/// reports (waiting up to 3 s for all of them), and `/debug/runtime`.
-async fn console_sees(app: &TestApp) -> (usize, usize, serde_json::Value) {
+/// reports (waiting up to 3 s for all of them), how many of hyper's
+/// per-request header timers it reports (none should be), and
+/// `/debug/runtime`.
+async fn console_sees(app: &TestApp) -> (usize, usize, usize, serde_json::Value) {
     for _ in 0..20 {
         app.get_json("/healthz").await;
         app.get_json("/coop/sleep?ms=1").await;
@@ -245,9 +247,15 @@ async fn console_sees(app: &TestApp) -> (usize, usize, serde_json::Value) {
         Duration::from_secs(3),
     )
     .await;
+    let hyper_timers = view
+        .resource_files
+        .iter()
+        .filter(|f| f.contains("hyper"))
+        .count();
     (
         healthz(&view),
         timers(&view),
+        hyper_timers,
         app.admin_json("/debug/runtime").await,
     )
 }
@@ -260,9 +268,12 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
     // The default budget (2000 per 10 minutes): every request is in the
     // console, and so is the timer each /coop/sleep created.
     let app = spawn_app(&[], &[fast_publish]);
-    let (tasks, timers, runtime) = console_sees(&app).await;
+    let (tasks, timers, hyper_timers, runtime) = console_sees(&app).await;
     // (The harness's own readiness check may add a /healthz.)
     assert!(tasks >= 20 && timers == 20, "{tasks} {timers} {runtime}");
+    // The connection task is recorded, but not the header timer hyper arms
+    // in it for each request: the console would keep one per request.
+    assert_eq!(hyper_timers, 0, "hyper's header timers reached the console");
     assert_eq!(runtime["console"]["task_budget"], 2000);
     assert_eq!(runtime["console"]["tasks_not_recorded"], 0, "{runtime}");
     assert!(!app.logs().contains(NOTICE));
@@ -277,7 +288,7 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
             ("STALL_LAB__TELEMETRY__CONSOLE_TASK_BUDGET", "5"),
         ],
     );
-    let (tasks, timers, runtime) = console_sees(&app).await;
+    let (tasks, timers, _, runtime) = console_sees(&app).await;
     let console = &runtime["console"];
     assert!(tasks <= 5, "console saw {tasks} GET /healthz tasks");
     assert!(timers <= 5, "console saw {timers} /coop/sleep timers");
