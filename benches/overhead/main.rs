@@ -6,7 +6,8 @@
 //! (`OVERHEAD_SECS`, default 5, sets the measured window per run;
 //! `OVERHEAD_ROUNDS` (3), `OVERHEAD_CONNS` (32) and `OVERHEAD_CLIENT_THREADS`
 //! (1) the rest; `OVERHEAD_VARIANTS=all,all-no-watcher` runs a subset, named
-//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher, naive;
+//! bare, off, otlp, console, all, all-no-watcher, off-no-watcher, naive,
+//! bare-task;
 //! `OVERHEAD_STALL_LAB=<path>` runs another build of stall-lab. Run by `cargo test
 //! --benches`, it only prints how to run it.)
 //!
@@ -29,6 +30,9 @@
 //!    layer, fmt): the reference point for what a first attempt costs. It
 //!    has none of stall-lab's per-request work (request task, poll
 //!    statistics, watcher, report).
+//! 9. `bare-task`: the bare server with each request's handler spawned as
+//!    a named task and awaited, as stall-lab does: the floor of that design,
+//!    before any span, statistics or watcher.
 //!
 //! The load is a closed loop: `OVERHEAD_CONNS` keep-alive connections, each
 //! sending its next `GET /healthz` as soon as the previous answer arrived,
@@ -71,7 +75,7 @@ mod watcher_cost;
 use measure::{Outcome, clock_ticks_per_second, count_allocs, measure};
 use receiver::start_otlp_receiver;
 use report::{Results, report};
-use servers::{bare_server, stall_lab_binary};
+use servers::{Hello, bare_server, stall_lab_binary};
 use variant::{ByVariant, Variant};
 use watcher_cost::measure_watcher_cost;
 
@@ -86,6 +90,8 @@ static GLOBAL: allocs::Counting = allocs::Counting(tikv_jemallocator::Jemalloc);
 pub(crate) const BARE_SERVER_ENV: &str = "OVERHEAD_BARE_SERVER";
 /// Its value for the naive everything-on server instead of the bare one.
 pub(crate) const NAIVE: &str = "naive";
+/// Its value for bare axum with a task per request (variant 9).
+pub(crate) const TASK_PER_REQUEST: &str = "task";
 /// Its value for stall-lab itself, run from this binary (`stall_lab::cli`)
 /// so that its allocations are counted (see `allocs`).
 pub(crate) const STALL_LAB_HERE: &str = "stall-lab";
@@ -101,7 +107,13 @@ fn main() -> ExitCode {
         if which == STALL_LAB_HERE {
             return stall_lab::cli::main();
         }
-        return bare_server(which == NAIVE);
+        return bare_server(if which == NAIVE {
+            Hello::Naive
+        } else if which == TASK_PER_REQUEST {
+            Hello::TaskPerRequest
+        } else {
+            Hello::Bare
+        });
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and a
     // test run must not spend minutes measuring.

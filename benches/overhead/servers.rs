@@ -20,16 +20,30 @@ use tracing_subscriber::prelude::*;
 
 use crate::allocs::COUNT_ALLOCS_ENV;
 use crate::variant::Variant;
-use crate::{BARE_SERVER_ENV, NAIVE, REPRODUCE, STALL_LAB, STALL_LAB_HERE, STARTUP_TIMEOUT};
+use crate::{
+    BARE_SERVER_ENV, NAIVE, REPRODUCE, STALL_LAB, STALL_LAB_HERE, STARTUP_TIMEOUT, TASK_PER_REQUEST,
+};
 
 /// Environment variables of our own shell that would change a server's
 /// telemetry or configuration; removed from every child.
 const SCRUBBED_PREFIXES: &[&str] = &["OTEL_", "STALL_LAB__", "TOKIO_CONSOLE_", "RUST_LOG"];
 
-/// The bare axum hello-world; with `naive`, the same server with the
-/// telemetry a first attempt would add by following each crate's README
-/// (variant 8).
-pub(crate) fn bare_server(naive: bool) -> ExitCode {
+/// The hello-world servers this binary runs (`OVERHEAD_BARE_SERVER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hello {
+    /// Bare axum (variant 1).
+    Bare,
+    /// The same with the telemetry a first attempt would add by following
+    /// each crate's README (variant 8).
+    Naive,
+    /// Bare axum with each request's handler run as a task of its own, as
+    /// stall-lab does (variant 9): what that design costs by itself.
+    TaskPerRequest,
+}
+
+/// Serves one of the [`Hello`] servers until killed.
+pub(crate) fn bare_server(hello: Hello) -> ExitCode {
+    let naive = hello == Hello::Naive;
     // Before the runtime: the blocking HTTP client of the OTLP exporter
     // cannot be built inside one.
     let _provider = if naive {
@@ -72,6 +86,9 @@ pub(crate) fn bare_server(naive: bool) -> ExitCode {
                     .make_span_with(DefaultMakeSpan::new().level(Level::INFO)),
             );
         }
+        if hello == Hello::TaskPerRequest {
+            app = app.layer(axum::middleware::from_fn(in_own_task));
+        }
         axum::serve(listener, app).await
     });
     match result {
@@ -80,6 +97,24 @@ pub(crate) fn bare_server(naive: bool) -> ExitCode {
             eprintln!("bare server: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs the rest of the request as a named task and awaits it: stall-lab's
+/// `request::run_in_own_task` without the span, statistics or culprit.
+async fn in_own_task(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::task::Builder::new()
+        .name("GET /healthz")
+        .spawn(next.run(req))
+    {
+        Ok(handle) => handle
+            .await
+            .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
@@ -126,11 +161,15 @@ impl Variant {
                 .map(Command::new)
                 .map_err(|e| format!("cannot find this bench's own executable: {e}"))
         };
-        let mut command = if matches!(self, Self::Bare | Self::Naive) {
+        let mut command = if matches!(self, Self::Bare | Self::Naive | Self::BareTask) {
             let mut c = this_exe()?;
             c.env(
                 BARE_SERVER_ENV,
-                if self == Self::Naive { NAIVE } else { "1" },
+                match self {
+                    Self::Naive => NAIVE,
+                    Self::BareTask => TASK_PER_REQUEST,
+                    _ => "1",
+                },
             );
             c
         } else {
@@ -153,7 +192,7 @@ impl Variant {
                 command.env_remove(&*key);
             }
         }
-        if self == Self::Bare {
+        if matches!(self, Self::Bare | Self::BareTask) {
             return Ok(command);
         }
         command.env("RUST_LOG", "warn");

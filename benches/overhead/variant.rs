@@ -13,10 +13,11 @@ pub(crate) enum Variant {
     AllNoWatcher,
     OffNoWatcher,
     Naive,
+    BareTask,
 }
 
 impl Variant {
-    pub(crate) const EVERY: [Self; 8] = [
+    pub(crate) const EVERY: [Self; 9] = [
         Self::Bare,
         Self::Off,
         Self::Otlp,
@@ -25,6 +26,7 @@ impl Variant {
         Self::AllNoWatcher,
         Self::OffNoWatcher,
         Self::Naive,
+        Self::BareTask,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Variant {
             Self::AllNoWatcher => "stall-lab, everything on, stall watcher off",
             Self::OffNoWatcher => "stall-lab, telemetry off, stall watcher off",
             Self::Naive => "naive axum: TraceLayer + OTLP + console",
+            Self::BareTask => "bare axum + a task per request",
         }
     }
 
@@ -51,6 +54,7 @@ impl Variant {
             Self::AllNoWatcher => "all-no-watcher",
             Self::OffNoWatcher => "off-no-watcher",
             Self::Naive => "naive",
+            Self::BareTask => "bare-task",
         }
     }
 

@@ -92,6 +92,15 @@ async fn oversized_request_lines_and_headers_are_refused_without_being_read_whol
             assert!(matches!(status, 414 | 431), "{what}: answered {status}");
         }
     }
+    // A head under the limit but larger than one read takes (4 KiB): 200.
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let pad = "d".repeat(10 * 1024);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_status(&mut stream, Duration::from_secs(5)).await,
+        Some(200)
+    );
     // A head just over the limit, sent whole before reading: 431.
     let mut stream = TcpStream::connect(&addr).await.unwrap();
     let pad = "c".repeat(20 * 1024);
