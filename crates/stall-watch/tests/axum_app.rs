@@ -23,6 +23,11 @@ impl Drop for Example {
 
 /// Starts the example (built by `cargo test` beside this test binary) with
 /// one worker, on free ports, and reads its `listening:` lines.
+/// GETs `url` and parses its JSON answer.
+async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn start_example() -> Example {
     let deps = std::env::current_exe().expect("test binary path");
     let examples = deps
@@ -74,14 +79,7 @@ async fn a_plain_axum_service_names_its_stall_live_and_its_admin_answers_through
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let stall = loop {
-        let stalls: Value = client
-            .get(format!("{}/debug/stalls", example.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stalls: Value = get_json(&client, format!("{}/debug/stalls", example.admin)).await;
         if let Some(stall) = stalls["in_progress"].as_array().and_then(|a| a.first()) {
             break stall.clone();
         }
@@ -98,14 +96,7 @@ async fn a_plain_axum_service_names_its_stall_live_and_its_admin_answers_through
     let dashboard = client.get(&example.admin).send().await.unwrap();
     assert_eq!(dashboard.status(), 200);
     assert!(dashboard.text().await.unwrap().contains("<html"));
-    let runtime: Value = client
-        .get(format!("{}/debug/runtime", example.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runtime: Value = get_json(&client, format!("{}/debug/runtime", example.admin)).await;
     assert_eq!(runtime["worker_stats"][0]["state"], "stalled", "{runtime}");
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -118,14 +109,7 @@ async fn a_plain_axum_service_names_its_stall_live_and_its_admin_answers_through
     // outlast the stall, the filed stall has it).
     let deadline = Instant::now() + Duration::from_secs(10);
     let stack = loop {
-        let stalls: Value = client
-            .get(format!("{}/debug/stalls", example.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stalls: Value = get_json(&client, format!("{}/debug/stalls", example.admin)).await;
         if let Some(stack) = stalls["in_progress"][0]["stack"]
             .as_array()
             .or_else(|| stalls["recent"][0]["stack"].as_array())
@@ -155,14 +139,7 @@ async fn a_plain_axum_service_names_its_stall_live_and_its_admin_answers_through
     // Once over, the stall is filed with its exact duration.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let stalls: Value = client
-            .get(format!("{}/debug/stalls", example.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stalls: Value = get_json(&client, format!("{}/debug/stalls", example.admin)).await;
         if let Some(recent) = stalls["recent"].as_array().and_then(|a| a.first()) {
             assert_eq!(recent["culprit"]["route"], "GET /orders/{id}/report");
             assert!(
