@@ -21,13 +21,13 @@ impl Drop for Example {
     }
 }
 
-/// Starts the example (built by `cargo test` beside this test binary) with
-/// one worker, on free ports, and reads its `listening:` lines.
 /// GETs `url` and parses its JSON answer.
 async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// Starts the example (built by `cargo test` beside this test binary) with
+/// one worker, on free ports, and reads its `listening:` lines.
 fn start_example() -> Example {
     let deps = std::env::current_exe().expect("test binary path");
     let examples = deps
@@ -54,6 +54,9 @@ fn start_example() -> Example {
             admin = Some(url.to_owned());
         }
     }
+    // Its logs go to stdout too: keep reading them, or its writes would
+    // fail on a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     Example {
         child,
         app: app.unwrap_or_default(),
