@@ -14,6 +14,13 @@ fn addr_of(url: &str) -> String {
     url.trim_start_matches("http://").to_owned()
 }
 
+/// Sends `head` whole on a new connection, then reads the answer's status.
+async fn status_of_whole_head(addr: &str, head: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    read_status(&mut stream, Duration::from_secs(5)).await
+}
+
 /// The status code of the first response on `stream`, or `None` if the
 /// connection closed (or reset) before one came.
 async fn read_status(stream: &mut TcpStream, timeout: Duration) -> Option<u16> {
@@ -93,32 +100,17 @@ async fn oversized_request_lines_and_headers_are_refused_without_being_read_whol
         }
     }
     // A head under the limit but larger than one read takes (4 KiB): 200.
-    let mut stream = TcpStream::connect(&addr).await.unwrap();
     let pad = "d".repeat(10 * 1024);
-    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(
-        read_status(&mut stream, Duration::from_secs(5)).await,
-        Some(200)
-    );
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
+    assert_eq!(status_of_whole_head(&addr, &head).await, Some(200));
     // A head just over the limit, sent whole before reading: 431.
-    let mut stream = TcpStream::connect(&addr).await.unwrap();
     let pad = "c".repeat(20 * 1024);
-    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(
-        read_status(&mut stream, Duration::from_secs(5)).await,
-        Some(431)
-    );
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {pad}\r\n\r\n");
+    assert_eq!(status_of_whole_head(&addr, &head).await, Some(431));
     // 200 headers (hyper's limit is 100): 431.
-    let mut stream = TcpStream::connect(&addr).await.unwrap();
     let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let request = format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(
-        read_status(&mut stream, Duration::from_secs(5)).await,
-        Some(431)
-    );
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many}\r\n");
+    assert_eq!(status_of_whole_head(&addr, &head).await, Some(431));
     // And the server is fine.
     assert_eq!(app.get("/healthz").await.status(), 200);
     app.assert_no_panic_so_far();
