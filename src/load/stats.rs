@@ -296,31 +296,13 @@ impl Report {
             ));
         }
         let o = &self.overall;
-        let statuses: Vec<String> = o
-            .statuses
-            .iter()
-            .map(|(s, n)| format!("{s} × {n}"))
-            .collect();
         out.push_str(&format!(
             "\nanswers by status: {}\n",
-            if statuses.is_empty() {
-                "none".to_owned()
-            } else {
-                statuses.join(", ")
-            }
+            counts(o.statuses.iter())
         ));
-        let failures: Vec<String> = o
-            .failures
-            .iter()
-            .map(|(l, n)| format!("{l} × {n}"))
-            .collect();
         out.push_str(&format!(
             "no answer (connection errors): {}\n",
-            if failures.is_empty() {
-                "none".to_owned()
-            } else {
-                failures.join(", ")
-            }
+            counts(o.failures.iter())
         ));
         out.push_str(&format!(
             "unfinished when the run ended: {} (counted, with their wait so far as latency)\n",
@@ -351,6 +333,18 @@ pub(crate) struct Head {
     pub rate: Option<f64>,
     pub concurrency: Option<usize>,
     pub connections: u64,
+}
+
+/// `"200 × 3, 503 × 1"`, or `"none"`.
+fn counts<K: std::fmt::Display>(
+    tally: impl Iterator<Item = (K, impl std::fmt::Display)>,
+) -> String {
+    let parts: Vec<String> = tally.map(|(k, n)| format!("{k} × {n}")).collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 #[cfg(test)]
