@@ -84,6 +84,14 @@ impl Watched {
     fn push(&mut self, sample: Sample) {
         self.samples = [self.samples[1], Some(sample)];
     }
+
+    /// Keeps the clock read at the end of a long poll as a sample, unless
+    /// a newer one was taken since.
+    fn note_poll_end(&mut self, ended_ns: u64, clock: cpu::SchedClock) {
+        if self.samples[1].is_none_or(|(at, _)| at < ended_ns) {
+            self.push((ended_ns, clock));
+        }
+    }
 }
 
 /// Starts the watcher thread. It runs until `long_polls`' senders are all
@@ -265,6 +273,14 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         ),
         _ => (None, duration_ns),
     };
+    // The hook read this worker's clock as the poll ended: a sample like the
+    // watcher's own, and the only one there is when the watcher was busy
+    // (naming a stack) while the next poll began and ended. Without it, a
+    // sleep right after a busy loop on the same worker would be measured
+    // from a sample before the busy loop, and called on-CPU.
+    if let (Some(w), Some(after)) = (watched.get_mut(long_poll.worker), long_poll.clock_end) {
+        w.note_poll_end(long_poll.ended_ns, after);
+    }
     let on_cpu_ns = used.map(|u| u.on_cpu_ns);
     let record = monitor.file(StallRecord {
         id: 0,
@@ -309,4 +325,32 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         )
     });
     crate::span::close(&span, &record);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(on_cpu_ms: u64) -> cpu::SchedClock {
+        cpu::SchedClock {
+            on_cpu_ns: on_cpu_ms * 1_000_000,
+            waiting_ns: 0,
+        }
+    }
+
+    #[test]
+    fn a_long_polls_end_is_the_next_polls_before() {
+        // Sampled at 0 ms; then a 200 ms busy loop ended at 300 ms while the
+        // watcher was busy, and a sleep began at 310 ms.
+        let mut w = Watched::default();
+        w.push((0, clock(0)));
+        w.note_poll_end(300_000_000, clock(200));
+        let (at, before) = w.sample_for(310_000_000).unwrap();
+        assert_eq!(at, 300_000_000);
+        assert_eq!(before.on_cpu_ns, 200_000_000);
+        // A sample the watcher took after that poll ended stays the newest.
+        w.push((400_000_000, clock(201)));
+        w.note_poll_end(350_000_000, clock(200));
+        assert_eq!(w.samples[1].map(|(at, _)| at), Some(400_000_000));
+    }
 }
