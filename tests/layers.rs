@@ -34,8 +34,8 @@ const STALL_LAB: &[&str] = &[
 
 /// stall-watch's modules, bottom first.
 const STALL_WATCH: &[&str] = &[
-    "place", "config", "cpu", "culprit", "stack", "monitor", "hooks", "span", "watcher", "lag",
-    "watch", "layer", "admin",
+    "place", "config", "cpu", "culprit", "stack", "monitor", "hooks", "span", "namer", "watcher",
+    "lag", "watch", "layer", "admin",
 ];
 
 #[test]

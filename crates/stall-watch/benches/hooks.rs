@@ -64,9 +64,14 @@ fn capture_costs(stalls: u32) {
     );
     println!("  round trip       {} µs (the last)", c.round_trip_us_last);
     println!(
-        "  naming a stack   first {:.1} ms, cached {:.3} ms",
+        "  preparing        {:.1} ms on the namer thread at start ({} compilation units indexed)",
+        c.prepare_ms, c.indexed_units
+    );
+    println!(
+        "  naming a stack   first {:.1} ms, last {:.3} ms, longest {:.1} ms",
         c.symbolize_us_first as f64 / 1000.0,
-        c.symbolize_us_last as f64 / 1000.0
+        c.symbolize_us_last as f64 / 1000.0,
+        c.symbolize_us_max as f64 / 1000.0
     );
     println!(
         "  buffer           {} KiB per worker",

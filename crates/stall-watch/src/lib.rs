@@ -57,6 +57,7 @@ mod culprit;
 mod hooks;
 mod lag;
 mod monitor;
+mod namer;
 mod place;
 mod span;
 mod stack;

@@ -146,11 +146,18 @@ pub struct CaptureStats {
     /// Round trip of a capture as the watcher sees it (signal sent to copy
     /// ready), the last one.
     pub round_trip_us_last: u64,
-    /// Unwinding and naming the frames of the first capture (reading the
-    /// unwind tables and debug info, unless prepared in advance).
+    /// Reading the unwind tables and indexing the debug information by
+    /// compilation unit, once, as the namer thread started.
+    pub prepare_ms: f64,
+    /// Compilation units indexed then.
+    pub indexed_units: usize,
+    /// Unwinding and naming the frames of the first capture, on the namer
+    /// thread: units of code not seen before are parsed then.
     pub symbolize_us_first: u64,
     /// The same for the last capture (cached addresses make it cheap).
     pub symbolize_us_last: u64,
+    /// The longest naming so far.
+    pub symbolize_us_max: u64,
     /// Return addresses whose frames are cached.
     pub cached_addresses: usize,
 }
@@ -448,7 +455,7 @@ impl Monitor {
         let _ = self.stacks.set(stacks);
     }
 
-    /// Updates the capture costs (the watcher, after each capture).
+    /// Updates the capture costs (the namer, after each capture).
     pub(crate) fn with_capture_stats(&self, update: impl FnOnce(&mut CaptureStats)) {
         let mut stats = self.capture_stats.lock().expect("capture stats lock");
         update(stats.get_or_insert_with(CaptureStats::default));

@@ -11,15 +11,22 @@
 //!    [`RECAPTURE_EVERY`], at most [`MAX_CAPTURES`] times);
 //! 3. files the long polls the after-poll hook reported as [`StallRecord`]s,
 //!    with their last stack, and closes their spans.
+//!
+//! Captured stacks are named on the namer thread ([`crate::namer`]), so a
+//! tick never waits for debug information. A stall that ends while its
+//! stack is being named is measured at once and filed when the namer is
+//! done with it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::cpu;
 use crate::hooks::LongPoll;
 use crate::monitor::{Monitor, StallRecord};
+use crate::namer::{Job, Named};
 use crate::span::TARGET;
 use crate::stack::{Sampler, StackError};
 
@@ -94,39 +101,148 @@ impl Watched {
     }
 }
 
-/// Starts the watcher thread. It runs until `long_polls`' senders are all
-/// dropped (the [`crate::Watch`] and every runtime it was installed on are
-/// gone).
+/// Starts the watcher thread, and the namer thread if there is a
+/// `sampler`. They run until `long_polls`' senders are all dropped (the
+/// [`crate::Watch`] and every runtime it was installed on are gone).
 pub(crate) fn spawn(
     monitor: Arc<Monitor>,
     long_polls: Receiver<LongPoll>,
     sampler: Option<Arc<Sampler>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let namer = match &sampler {
+        Some(sampler) => {
+            let (jobs, job_receiver) = std::sync::mpsc::channel();
+            let (named_sender, named) = std::sync::mpsc::channel();
+            crate::namer::spawn(monitor.clone(), sampler.clone(), job_receiver, named_sender)?;
+            Some((jobs, named))
+        }
+        None => None,
+    };
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
-        .spawn(move || run(&monitor, &long_polls, sampler.as_deref()))
+        .spawn(move || {
+            let mut watcher = Watcher {
+                monitor: &monitor,
+                sampler: sampler.as_deref(),
+                namer,
+                watched: vec![Watched::default(); monitor.slots.len()],
+                naming: HashMap::new(),
+                pending: Vec::new(),
+            };
+            watcher.run(&long_polls);
+        })
 }
 
-fn run(monitor: &Monitor, long_polls: &Receiver<LongPoll>, sampler: Option<&Sampler>) {
-    let mut watched = vec![Watched::default(); monitor.slots.len()];
-    loop {
-        match long_polls.recv_timeout(TICK) {
-            Ok(long_poll) => {
-                finish(monitor, &mut watched, long_poll);
-                // Drain whatever else is queued before the next tick.
-                while let Ok(more) = long_polls.try_recv() {
-                    finish(monitor, &mut watched, more);
+/// The watcher thread's state.
+struct Watcher<'a> {
+    monitor: &'a Monitor,
+    sampler: Option<&'a Sampler>,
+    /// Captures go to the namer; (worker, seq) come back once named.
+    namer: Option<(Sender<Job>, Receiver<Named>)>,
+    watched: Vec<Watched>,
+    /// Captures at the namer, by (worker, poll sequence).
+    naming: HashMap<(usize, u64), u32>,
+    /// Stalls over whose stack is still being named.
+    pending: Vec<Finished>,
+}
+
+/// A stall measured as it ended, to be filed with its stack.
+struct Finished {
+    record: StallRecord,
+    seq: u64,
+    span: Option<tracing::Span>,
+}
+
+impl Watcher<'_> {
+    fn run(&mut self, long_polls: &Receiver<LongPoll>) {
+        loop {
+            match long_polls.recv_timeout(TICK) {
+                Ok(long_poll) => {
+                    self.finish(long_poll);
+                    // Drain whatever else is queued before the next tick.
+                    while let Ok(more) = long_polls.try_recv() {
+                        self.finish(more);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.collect_named();
+            self.tick();
+            self.monitor.culprits.purge();
+        }
+        // Nothing more will be named once the namer's queue is closed.
+        self.namer = None;
+        self.naming.clear();
+        for finished in std::mem::take(&mut self.pending) {
+            file(self.monitor, finished);
+        }
+    }
+
+    /// Takes the namer's answers, and files the stalls that waited for them.
+    fn collect_named(&mut self) {
+        let Some((_, named)) = &self.namer else {
+            return;
+        };
+        loop {
+            match named.try_recv() {
+                Ok(key) => {
+                    if let Some(left) = self.naming.get_mut(&key) {
+                        *left -= 1;
+                        if *left == 0 {
+                            self.naming.remove(&key);
+                        }
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    // The namer is gone: file without waiting.
+                    self.namer = None;
+                    self.naming.clear();
+                    break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
         }
-        tick(monitor, &mut watched, sampler);
-        monitor.culprits.purge();
+        let naming = &self.naming;
+        let (ready, waiting) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|f| !naming.contains_key(&(f.record.worker, f.seq)));
+        self.pending = waiting;
+        for finished in ready {
+            file(self.monitor, finished);
+        }
+    }
+
+    fn tick(&mut self) {
+        tick(
+            self.monitor,
+            &mut self.watched,
+            self.sampler,
+            self.namer.as_ref().map(|(jobs, _)| jobs),
+            &mut self.naming,
+        );
+    }
+
+    fn finish(&mut self, long_poll: LongPoll) {
+        let finished = measure(self.monitor, &mut self.watched, long_poll);
+        if self
+            .naming
+            .contains_key(&(finished.record.worker, finished.seq))
+        {
+            self.pending.push(finished);
+        } else {
+            file(self.monitor, finished);
+        }
     }
 }
 
-fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
+fn tick(
+    monitor: &Monitor,
+    watched: &mut [Watched],
+    sampler: Option<&Sampler>,
+    jobs: Option<&Sender<Job>>,
+    naming: &mut HashMap<(usize, u64), u32>,
+) {
     let now = monitor.now_ns();
     let workers = monitor.workers();
     for (worker, w) in watched.iter_mut().enumerate().take(workers) {
@@ -189,7 +305,7 @@ fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
                     ),
                 }
             }
-            if let Some(sampler) = sampler
+            if let (Some(sampler), Some(jobs)) = (sampler, jobs)
                 && w.captures < MAX_CAPTURES
                 && w.attempts < MAX_ATTEMPTS
                 && w.last_capture
@@ -205,19 +321,9 @@ fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
                         w.captures += 1;
                         w.last_capture = Some(Instant::now());
                         debug_assert_eq!((raw.worker, raw.seq), (worker, seq));
-                        let started = Instant::now();
-                        let mut frames = sampler.symbolize(&raw);
-                        let symbolize = started.elapsed();
-                        if raw.truncated {
-                            frames.push(crate::Frame {
-                                function: "… (outer frames beyond the copied 64 KiB)".into(),
-                                file: None,
-                                line: None,
-                                user_code: false,
-                            });
+                        if jobs.send(Job { raw, round_trip }).is_ok() {
+                            *naming.entry((worker, seq)).or_default() += 1;
                         }
-                        monitor.set_live_stack(worker, seq, frames);
-                        record_costs(monitor, sampler, &raw, round_trip, symbolize);
                     }
                     // The stall is over; the hook has reported it.
                     Err(StackError::WrongPoll { .. }) => w.attempts = MAX_ATTEMPTS,
@@ -229,33 +335,9 @@ fn tick(monitor: &Monitor, watched: &mut [Watched], sampler: Option<&Sampler>) {
     }
 }
 
-/// Adds one capture's costs to the monitor's figures.
-fn record_costs(
-    monitor: &Monitor,
-    sampler: &Sampler,
-    raw: &crate::stack::RawStack,
-    round_trip: Duration,
-    symbolize: Duration,
-) {
-    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    let cached = sampler.cached_addresses();
-    monitor.with_capture_stats(|stats| {
-        stats.signal = sampler.signal();
-        stats.buffer_bytes_per_worker = sampler.buffer_bytes_per_worker();
-        let total = stats.handler_ns_mean * stats.captures + raw.handler_ns;
-        stats.captures += 1;
-        stats.handler_ns_mean = total / stats.captures;
-        stats.handler_ns_max = stats.handler_ns_max.max(raw.handler_ns);
-        stats.round_trip_us_last = micros(round_trip);
-        if stats.captures == 1 {
-            stats.symbolize_us_first = micros(symbolize);
-        }
-        stats.symbolize_us_last = micros(symbolize);
-        stats.cached_addresses = cached;
-    });
-}
-
-fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
+/// Measures a long poll the hook reported, as it arrives: its CPU time
+/// comes from the samples around it, which later ticks replace.
+fn measure(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) -> Finished {
     let duration_ns = long_poll.ended_ns.saturating_sub(long_poll.started_ns);
     // CPU used between the last sample before the stall and its end. The
     // sample may precede the stall by up to one tick, which biases short
@@ -275,25 +357,46 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
     };
     // The hook read this worker's clock as the poll ended: a sample like the
     // watcher's own, and the only one there is when the watcher was busy
-    // (naming a stack) while the next poll began and ended. Without it, a
-    // sleep right after a busy loop on the same worker would be measured
-    // from a sample before the busy loop, and called on-CPU.
+    // while the next poll began and ended. Without it, a sleep right after a
+    // busy loop on the same worker would be measured from a sample before
+    // the busy loop, and called on-CPU.
     if let (Some(w), Some(after)) = (watched.get_mut(long_poll.worker), long_poll.clock_end) {
         w.note_poll_end(long_poll.ended_ns, after);
     }
     let on_cpu_ns = used.map(|u| u.on_cpu_ns);
-    let record = monitor.file(StallRecord {
-        id: 0,
-        worker: long_poll.worker,
-        started_at_ms: monitor.unix_ms(long_poll.started_ns),
-        duration_ms: crate::ms(Duration::from_nanos(duration_ns)),
-        on_cpu_ms: on_cpu_ns.map(|ns| crate::ms(Duration::from_nanos(ns.min(duration_ns)))),
-        cpu: cpu::classify(used, window_ns),
-        culprit: long_poll.culprit.as_deref().cloned(),
-        task_id: long_poll.task,
-        jaeger_url: None,
-        stack: monitor.take_live_stack(long_poll.worker, long_poll.seq),
-    });
+    // The span the tick opened; a stall over before any tick saw it gets
+    // one when filed.
+    let span = match watched.get_mut(long_poll.worker) {
+        Some(w) if w.announced == Some(long_poll.seq) => w.span.take(),
+        _ => None,
+    };
+    Finished {
+        record: StallRecord {
+            id: 0,
+            worker: long_poll.worker,
+            started_at_ms: monitor.unix_ms(long_poll.started_ns),
+            duration_ms: crate::ms(Duration::from_nanos(duration_ns)),
+            on_cpu_ms: on_cpu_ns.map(|ns| crate::ms(Duration::from_nanos(ns.min(duration_ns)))),
+            cpu: cpu::classify(used, window_ns),
+            culprit: long_poll.culprit.as_deref().cloned(),
+            task_id: long_poll.task,
+            jaeger_url: None,
+            stack: Vec::new(),
+        },
+        seq: long_poll.seq,
+        span,
+    }
+}
+
+/// Files a measured stall with its last stack, logs it and closes its span.
+fn file(monitor: &Monitor, finished: Finished) {
+    let Finished {
+        mut record,
+        seq,
+        span,
+    } = finished;
+    record.stack = monitor.take_live_stack(record.worker, seq);
+    let record = monitor.file(record);
     let culprit = record
         .culprit
         .as_ref()
@@ -311,18 +414,8 @@ fn finish(monitor: &Monitor, watched: &mut [Watched], long_poll: LongPoll) {
         record.duration_ms,
         record.cpu,
     );
-    // The span the tick opened, or (a stall over before any tick saw it)
-    // one opened now.
-    let span = match watched.get_mut(long_poll.worker) {
-        Some(w) if w.announced == Some(long_poll.seq) && w.span.is_some() => w.span.take(),
-        _ => None,
-    }
-    .unwrap_or_else(|| {
-        crate::span::open(
-            long_poll.worker,
-            long_poll.task,
-            long_poll.culprit.as_deref(),
-        )
+    let span = span.unwrap_or_else(|| {
+        crate::span::open(record.worker, record.task_id, record.culprit.as_ref())
     });
     crate::span::close(&span, &record);
 }

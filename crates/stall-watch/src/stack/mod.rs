@@ -69,6 +69,11 @@ use serde::Serialize;
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
+mod dwarf;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod signal;
 #[cfg(all(
     target_os = "linux",

@@ -361,15 +361,27 @@ impl Sampler {
         result
     }
 
-    #[cfg(test)]
     /// Does now, on the calling thread, what the first
     /// [`Sampler::symbolize`] would otherwise do: list the modules, read
-    /// their unwind tables, open the executable's DWARF and index it.
-    /// Optional; call it from the watcher or admin thread at start so the
-    /// first stall is named as fast as the next ones.
-    pub(crate) fn prepare(&self) {
+    /// their unwind tables and index each one's debug information by
+    /// compilation unit. Returns the units indexed. Optional; the namer
+    /// thread calls it as it starts, so the first stall is named nearly as
+    /// fast as the next ones.
+    pub(crate) fn prepare(&self) -> usize {
         let mut symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());
-        symbolizer.get_or_insert_with(Symbolizer::new).warm_up();
+        let symbolizer = symbolizer.get_or_insert_with(Symbolizer::new);
+        symbolizer.prepare();
+        symbolizer.indexed_units()
+    }
+
+    #[cfg(test)]
+    /// The frames of `raw` as addr2line names them from each module's
+    /// whole DWARF, uncached.
+    pub(crate) fn symbolize_with_addr2line(&self, raw: &RawStack) -> Vec<Frame> {
+        let mut symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());
+        symbolizer
+            .get_or_insert_with(Symbolizer::new)
+            .symbolize_with_addr2line(raw)
     }
 
     /// How many addresses have their frames cached.

@@ -48,9 +48,10 @@ impl Sampler {
         Err(StackError::Unsupported)
     }
 
-    #[cfg(test)]
-    /// Does nothing.
-    pub(crate) fn prepare(&self) {}
+    /// Does nothing: no unit indexed.
+    pub(crate) fn prepare(&self) -> usize {
+        0
+    }
 
     /// Nothing cached.
     pub(crate) fn cached_addresses(&self) -> usize {

@@ -601,6 +601,17 @@ fn a_task_blocking_a_tokio_worker_is_captured() {
         show(&frames)
     );
     assert_culprit(&frames, "sleeping_culprit");
+
+    // Reading only the units of the stack names every frame as addr2line
+    // does from the whole module.
+    let reference = sampler.symbolize_with_addr2line(&raw);
+    assert_eq!(
+        frames,
+        reference,
+        "per unit:\n{}\naddr2line:\n{}",
+        show(&frames),
+        show(&reference)
+    );
 }
 
 /// `block_in_place` hands a worker to another thread, and the first thread
@@ -703,5 +714,38 @@ fn a_loop_reading_the_clock_unwinds_through_the_vdso() {
     println!(
         "clock loop: {in_vdso} of 50 captures were in the vDSO; the last:\n{}",
         show(&sampler.symbolize(&captures[49]))
+    );
+}
+
+/// Reading one unit at a time names what addr2line names from the whole
+/// module, over functions all through this test binary, or through the
+/// binary named by `STALL_WATCH_COMPARE_WITH` (a release build, where Rust
+/// emits references between units):
+/// `STALL_WATCH_COMPARE_WITH=target/release/stall-lab cargo test --release
+/// -p stall-watch names_agree_with_addr2line -- --nocapture`.
+#[test]
+fn names_agree_with_addr2line() {
+    let path = std::env::var_os("STALL_WATCH_COMPARE_WITH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::current_exe().expect("test binary"));
+    let started = Instant::now();
+    let (compared, differ) = super::symbols::compare_with_addr2line(&path, 3);
+    println!(
+        "{compared} addresses of {} compared in {:?}; {} differ",
+        path.display(),
+        started.elapsed(),
+        differ.len()
+    );
+    assert!(compared > 500, "only {compared} functions sampled");
+    assert!(
+        differ.is_empty(),
+        "{} of {compared} differ, such as:\n{}",
+        differ.len(),
+        differ
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
