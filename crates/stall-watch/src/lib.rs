@@ -13,7 +13,8 @@
 //! - a watcher thread (a plain OS thread, so it runs while every worker is
 //!   blocked) reads those notes every 5 ms, names the culprit from a
 //!   registry of task ids, logs the stall, opens an `executor.stall` span,
-//!   and captures the held worker's stack (Linux x86_64/aarch64);
+//!   and captures the held worker's stack (Linux x86_64/aarch64), which a
+//!   namer thread unwinds and names to function, file and line;
 //! - finished stalls are kept with their CPU class (on-cpu, off-cpu,
 //!   preempted) from the kernel's per-thread clocks.
 //!
@@ -43,7 +44,8 @@
 //!   settings, thread clocks, the culprit registry, stack capture).
 //! - `monitor`: the shared state: per-worker slots, history, live stacks.
 //! - `hooks`: the two poll hooks, the only code on the workers.
-//! - `span`, `watcher`: the `executor.stall` span and the watcher thread.
+//! - `span`, `namer`, `watcher`: the `executor.stall` span, the thread
+//!   that names captured stacks, and the watcher thread.
 //! - `lag`: the lag probe task.
 //! - `watch`: [`Watch`], the one type to create.
 //! - `layer`, `admin` (feature `axum`): the tower layer naming culprits by

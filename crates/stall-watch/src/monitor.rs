@@ -151,6 +151,11 @@ pub struct CaptureStats {
     pub prepare_ms: f64,
     /// Compilation units indexed then.
     pub indexed_units: usize,
+    /// CPU time spent, between namings, indexing each function's and line
+    /// sequence's addresses (0 until complete).
+    pub index_ms: f64,
+    /// Memory that index holds.
+    pub index_bytes: usize,
     /// Unwinding and naming the frames of the first capture, on the namer
     /// thread: units of code not seen before are parsed then.
     pub symbolize_us_first: u64,
@@ -160,6 +165,12 @@ pub struct CaptureStats {
     pub symbolize_us_max: u64,
     /// Return addresses whose frames are cached.
     pub cached_addresses: usize,
+    /// From a poll crossing the threshold to its stack, named, in
+    /// `/debug/stalls`: the watcher's tick, the capture and the naming. The
+    /// last stall's, and the longest.
+    pub stack_ready_ms_last: f64,
+    /// The longest of those.
+    pub stack_ready_ms_max: f64,
 }
 
 /// Task name of the empty task that wakes an idle worker at a stall.

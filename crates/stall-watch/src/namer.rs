@@ -10,11 +10,13 @@
 //! its stack was being named only once the stack is there.
 //!
 //! As it starts, the thread reads the unwind tables and indexes the debug
-//! information ([`Sampler::prepare`]), so the first stall is named nearly
-//! as fast as the next ones.
+//! information by compilation unit ([`Sampler::prepare`]); then, between
+//! namings, it indexes each function's and line sequence's addresses
+//! ([`Sampler::index_step`]), after which naming new code reads only the
+//! entries of the functions on the stack.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::monitor::Monitor;
@@ -28,6 +30,8 @@ pub(crate) struct Job {
     pub(crate) raw: RawStack,
     /// From the signal sent to the copy ready, as the watcher saw it.
     pub(crate) round_trip: Duration,
+    /// The stall's first capture (not a recapture of a long one).
+    pub(crate) first: bool,
 }
 
 /// A capture named and attached: (worker, poll sequence).
@@ -53,7 +57,39 @@ fn run(monitor: &Monitor, sampler: &Sampler, jobs: &Receiver<Job>, named: &Sende
         stats.prepare_ms = crate::ms(prepare);
         stats.indexed_units = units;
     });
-    while let Ok(Job { raw, round_trip }) = jobs.recv() {
+    // Between namings, build the function and line index a few units at a
+    // time; a capture waits at most one step.
+    let mut indexing = Some(Duration::ZERO);
+    loop {
+        let job = match indexing {
+            Some(spent) => match jobs.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => {
+                    let step = Instant::now();
+                    let more = sampler.index_step();
+                    let spent = spent + step.elapsed();
+                    indexing = more.then_some(spent);
+                    if !more {
+                        let bytes = sampler.index_bytes();
+                        monitor.with_capture_stats(|stats| {
+                            stats.index_ms = crate::ms(spent);
+                            stats.index_bytes = bytes;
+                        });
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return,
+            },
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let Job {
+            raw,
+            round_trip,
+            first,
+        } = job;
         let started = Instant::now();
         let mut frames = sampler.symbolize(&raw);
         let symbolize = started.elapsed();
@@ -66,7 +102,16 @@ fn run(monitor: &Monitor, sampler: &Sampler, jobs: &Receiver<Job>, named: &Sende
             });
         }
         monitor.set_live_stack(raw.worker, raw.seq, frames);
-        record_costs(monitor, sampler, &raw, round_trip, symbolize);
+        // How long after the poll crossed the threshold its stack was there
+        // to see, if it is still going on.
+        let ready = monitor
+            .current_poll(raw.worker)
+            .filter(|&(seq, _, _)| first && seq == raw.seq)
+            .map(|(_, started, _)| {
+                let crossed = started.saturating_add(monitor.threshold_ns);
+                Duration::from_nanos(monitor.now_ns().saturating_sub(crossed))
+            });
+        record_costs(monitor, sampler, &raw, round_trip, symbolize, ready);
         if named.send((raw.worker, raw.seq)).is_err() {
             return;
         }
@@ -80,6 +125,7 @@ fn record_costs(
     raw: &RawStack,
     round_trip: Duration,
     symbolize: Duration,
+    ready: Option<Duration>,
 ) {
     let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     let cached = sampler.cached_addresses();
@@ -97,5 +143,9 @@ fn record_costs(
         stats.symbolize_us_last = micros(symbolize);
         stats.symbolize_us_max = stats.symbolize_us_max.max(micros(symbolize));
         stats.cached_addresses = cached;
+        if let Some(ready) = ready {
+            stats.stack_ready_ms_last = crate::ms(ready);
+            stats.stack_ready_ms_max = stats.stack_ready_ms_max.max(crate::ms(ready));
+        }
     });
 }

@@ -73,9 +73,10 @@ impl Watch {
                 })
             });
             match Sampler::new(monitor.slots.len(), STACK_BYTES, poll_seq) {
-                // The unwind tables and debug info are read at the first
-                // stall, not now: a service that never stalls pays neither
-                // their memory (about 17 MB in a release build) nor the CPU.
+                // The namer thread reads the unwind tables and indexes the
+                // debug info in the background as it starts (about 0.15 s
+                // of CPU and 6 MB for stall-lab's release build), so that a
+                // stack is named within milliseconds of the stall.
                 Ok(sampler) => Some(Arc::new(sampler)),
                 Err(e) => {
                     tracing::warn!(

@@ -321,7 +321,15 @@ fn tick(
                         w.captures += 1;
                         w.last_capture = Some(Instant::now());
                         debug_assert_eq!((raw.worker, raw.seq), (worker, seq));
-                        if jobs.send(Job { raw, round_trip }).is_ok() {
+                        let first = w.captures == 1;
+                        if jobs
+                            .send(Job {
+                                raw,
+                                round_trip,
+                                first,
+                            })
+                            .is_ok()
+                        {
                             *naming.entry((worker, seq)).or_default() += 1;
                         }
                     }
@@ -423,6 +431,52 @@ fn file(monitor: &Monitor, finished: Finished) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_over_while_its_stack_is_named_is_filed_with_the_stack() {
+        let monitor = Monitor::new(&crate::Config::default());
+        let (jobs, _job_receiver) = std::sync::mpsc::channel();
+        let (named_sender, named) = std::sync::mpsc::channel();
+        let mut watcher = Watcher {
+            monitor: &monitor,
+            sampler: None,
+            namer: Some((jobs, named)),
+            watched: vec![Watched::default(); monitor.slots.len()],
+            naming: HashMap::from([((0, 5), 1)]),
+            pending: Vec::new(),
+        };
+        let long_poll = |seq| LongPoll {
+            worker: 0,
+            seq,
+            started_ns: 1_000_000,
+            ended_ns: 301_000_000,
+            task: 7,
+            culprit: None,
+            clock_end: None,
+        };
+        // Poll 5's capture is at the namer: its end waits. Poll 6 had none.
+        watcher.finish(long_poll(5));
+        watcher.finish(long_poll(6));
+        assert_eq!(monitor.recent_stalls(10).len(), 1);
+        assert_eq!(watcher.pending.len(), 1);
+        watcher.collect_named();
+        assert_eq!(monitor.recent_stalls(10).len(), 1, "nothing named yet");
+
+        let frame = crate::Frame {
+            function: "report".into(),
+            file: Some("src/report.rs".into()),
+            line: Some(42),
+            user_code: true,
+        };
+        monitor.set_live_stack(0, 5, vec![frame.clone()]);
+        named_sender.send((0, 5)).unwrap();
+        watcher.collect_named();
+        let filed = monitor.recent_stalls(10);
+        assert_eq!(filed.len(), 2);
+        let five = filed.iter().find(|r| r.stack == [frame.clone()]);
+        assert!(five.is_some(), "{filed:?}");
+        assert!(watcher.pending.is_empty() && watcher.naming.is_empty());
+    }
 
     fn clock(on_cpu_ms: u64) -> cpu::SchedClock {
         cpu::SchedClock {

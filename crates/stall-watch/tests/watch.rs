@@ -223,3 +223,46 @@ fn a_blocking_socket_read_is_captured_and_still_returns_its_data() {
         buf.to_vec()
     }
 }
+
+/// The namer thread indexes the binary's debug information in the
+/// background as it starts; a stall's stack is then named while the stall
+/// lasts, and the costs say how soon after the threshold it was there.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[test]
+fn the_namer_indexes_in_the_background_and_says_when_a_stack_was_ready() {
+    let watch = Watch::new(Config::default().threshold(Duration::from_millis(20)));
+    let runtime = one_worker(&watch);
+    // About 0.4 s of CPU for this test binary in a debug build; allow for
+    // a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        if let Some(stats) = watch.stalls(0).stack_capture
+            && stats.index_bytes > 0
+        {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "the index was not built");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        stats.indexed_units > 0 && stats.prepare_ms > 0.0,
+        "{stats:?}"
+    );
+    assert!(stats.index_ms > 0.0, "{stats:?}");
+
+    runtime.spawn(async { std::thread::sleep(Duration::from_millis(400)) });
+    let stack = live_stack(&watch);
+    assert!(shows(&stack, "sleep"), "{stack:#?}");
+    // Recorded just after the stack is attached.
+    let stats = wait_for(|| {
+        watch
+            .stalls(0)
+            .stack_capture
+            .filter(|s| s.stack_ready_ms_last > 0.0)
+    });
+    assert!(stats.captures >= 1, "{stats:?}");
+    assert!(stats.stack_ready_ms_last < 400.0, "{stats:?}");
+}

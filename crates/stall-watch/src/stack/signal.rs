@@ -384,6 +384,21 @@ impl Sampler {
             .symbolize_with_addr2line(raw)
     }
 
+    /// Adds a few compilation units to the function and line index that
+    /// makes naming new code fast (a few milliseconds of work); says
+    /// whether units are left. Until it is complete, namings read whole
+    /// units. Call it from the namer thread when it has nothing to name.
+    pub(crate) fn index_step(&self) -> bool {
+        let mut symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());
+        symbolizer.get_or_insert_with(Symbolizer::new).index_step()
+    }
+
+    /// Bytes held by the function and line index.
+    pub(crate) fn index_bytes(&self) -> usize {
+        let symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());
+        symbolizer.as_ref().map_or(0, Symbolizer::index_bytes)
+    }
+
     /// How many addresses have their frames cached.
     pub(crate) fn cached_addresses(&self) -> usize {
         let symbolizer = self.symbolizer.lock().unwrap_or_else(|e| e.into_inner());

@@ -53,6 +53,16 @@ impl Sampler {
         0
     }
 
+    /// Nothing to index.
+    pub(crate) fn index_step(&self) -> bool {
+        false
+    }
+
+    /// No index.
+    pub(crate) fn index_bytes(&self) -> usize {
+        0
+    }
+
     /// Nothing cached.
     pub(crate) fn cached_addresses(&self) -> usize {
         0

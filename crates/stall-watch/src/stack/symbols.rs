@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use addr2line::gimli;
 use object::{Object, ObjectSection};
 
-use super::dwarf::{DwarfFrame, Slice, frames_in_unit};
+use super::dwarf::{DwarfFrame, Index, Slice, frames_in_unit};
 use super::unwind::{LoadedModule, StackWalker, loaded_modules};
 use super::{Frame, RawStack};
 
@@ -35,6 +35,10 @@ const MAX_CACHED: usize = 65_536;
 
 /// While indexing, the pages read are let go after this many units.
 const UNITS_PER_RELEASE: usize = 128;
+
+/// Units added to a module's function and line index per step: a step
+/// takes a few milliseconds, so a capture waits at most that long.
+const UNITS_PER_STEP: usize = 8;
 
 /// A module and its debug information, indexed on first use (`None`
 /// inside: unreadable).
@@ -54,6 +58,7 @@ struct UnitSpan {
 
 /// One module's DWARF, mapped, and its unit index.
 struct DebugInfo {
+    map: &'static memmap2::Mmap,
     object: object::File<'static, &'static [u8]>,
     endian: gimli::RunTimeEndian,
     /// Units with code, by their lowest address.
@@ -63,6 +68,16 @@ struct DebugInfo {
     offsets: Vec<usize>,
     /// The symbol table, read when a frame has no DWARF.
     symbols: Option<object::SymbolMap<object::SymbolMapName<'static>>>,
+    /// Each function's and line sequence's addresses: used once complete.
+    index: Index,
+    /// While `index` is being built: the units left, and the mapping they
+    /// are read through (its pages let go after each step).
+    indexing: Option<Indexing>,
+}
+
+struct Indexing {
+    passing: memmap2::Mmap,
+    left: Vec<usize>,
 }
 
 /// The unwinder and the symbol cache of one sampler.
@@ -98,6 +113,29 @@ impl Symbolizer {
         for module in &mut self.modules {
             module.debug_info();
         }
+    }
+
+    /// Adds a few units to the first module whose function and line index
+    /// is not complete; says whether any module has units left.
+    pub(super) fn index_step(&mut self) -> bool {
+        let mut indexing = self
+            .modules
+            .iter_mut()
+            .filter_map(|m| m.debug.as_mut()?.as_mut())
+            .filter(|d| d.indexing.is_some());
+        match indexing.next() {
+            Some(debug) => debug.index_step() || indexing.next().is_some(),
+            None => false,
+        }
+    }
+
+    /// Bytes held by the function and line indexes.
+    pub(super) fn index_bytes(&self) -> usize {
+        self.modules
+            .iter()
+            .filter_map(|m| m.debug.as_ref()?.as_ref())
+            .map(|d| d.index.bytes())
+            .sum()
     }
 
     /// Compilation units with code indexed, over every module.
@@ -137,8 +175,19 @@ impl Symbolizer {
             .collect();
         new.sort_unstable();
         new.dedup();
-        for (address, frames) in self.resolve(&new) {
-            self.by_address.insert(address, frames.into());
+        if !new.is_empty() {
+            for (address, frames) in self.resolve(&new) {
+                self.by_address.insert(address, frames.into());
+            }
+            // The names are kept; the debug information's pages are not
+            // (clean file pages, read back on the next naming if needed).
+            for debug in self
+                .modules
+                .iter()
+                .filter_map(|m| m.debug.as_ref()?.as_ref())
+            {
+                forget_pages(debug.map);
+            }
         }
         let mut frames = Vec::with_capacity(addresses.len() * 2);
         for address in addresses {
@@ -274,7 +323,7 @@ impl Symbolizer {
 /// many were compared and a description of each disagreement.
 pub(super) fn compare_with_addr2line(path: &Path, every: usize) -> (usize, Vec<String>) {
     use object::ObjectSymbol;
-    let debug = DebugInfo::open(path).expect("debug information");
+    let mut debug = DebugInfo::open(path).expect("debug information");
     let mut probes: Vec<u64> = debug
         .object
         .symbols()
@@ -284,11 +333,13 @@ pub(super) fn compare_with_addr2line(path: &Path, every: usize) -> (usize, Vec<S
         .collect();
     probes.sort_unstable();
     probes.dedup();
-    let ours = debug.frames(&probes);
+    let by_units = debug.frames_by_units(&probes);
+    while debug.index_step() {}
+    let indexed = debug.frames(&probes);
     let context = addr2line::Context::from_dwarf(dwarf(&debug.object, debug.endian))
         .expect("addr2line context");
     let mut differ = Vec::new();
-    for (probe, ours) in probes.iter().zip(ours) {
+    for ((probe, by_units), indexed) in probes.iter().zip(by_units).zip(indexed) {
         let mut theirs = Vec::new();
         if let Ok(mut iter) = context.find_frames(*probe).skip_all_loads() {
             while let Ok(Some(frame)) = iter.next() {
@@ -303,9 +354,9 @@ pub(super) fn compare_with_addr2line(path: &Path, every: usize) -> (usize, Vec<S
                 });
             }
         }
-        if ours != theirs {
+        if by_units != theirs || indexed != theirs {
             differ.push(format!(
-                "{probe:#x}: by units {ours:?}\n  addr2line {theirs:?}"
+                "{probe:#x}: by units {by_units:?}\n  indexed {indexed:?}\n  addr2line {theirs:?}"
             ));
         }
     }
@@ -350,42 +401,73 @@ impl DebugInfo {
     /// Maps `path` for good and indexes its units through a second,
     /// passing mapping.
     fn open(path: &Path) -> Option<Self> {
-        let data = mapped(path)?;
-        let object = object::File::parse(data).ok()?;
+        let map = mapped(path)?;
+        let object = object::File::parse(&**map).ok()?;
         let endian = if object.is_little_endian() {
             gimli::RunTimeEndian::Little
         } else {
             gimli::RunTimeEndian::Big
         };
+        let file = File::open(path).ok()?;
+        // SAFETY: as in `mapped`. This second mapping lives while the
+        // module is being indexed, and its pages are let go as it goes.
+        let passing = unsafe { memmap2::Mmap::map(&file) }.ok()?;
         let (spans, offsets) = {
-            let file = File::open(path).ok()?;
-            // SAFETY: as in `mapped`. This mapping is dropped at the end of
-            // the block.
-            let passing = unsafe { memmap2::Mmap::map(&file) }.ok()?;
             let object = object::File::parse(&*passing).ok()?;
-            let forget_pages = || {
-                // SAFETY: the mapping is private, read-only and never
-                // written, so after MADV_DONTNEED its pages read back from
-                // the file exactly as before (see `mapped` for the file
-                // itself). The slices into it stay valid: the range stays
-                // mapped; only its resident pages are let go.
-                let _ = unsafe { passing.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-            };
-            index_units(&object, endian, &forget_pages)
+            index_units(&object, endian, &|| forget_pages(&passing))
         };
+        let left = spans.iter().map(|s| s.offset).collect();
         Some(Self {
+            map,
             object,
             endian,
             spans,
             offsets,
             symbols: None,
+            index: Index::default(),
+            indexing: Some(Indexing { passing, left }),
         })
+    }
+
+    /// Adds up to [`UNITS_PER_STEP`] units to the index; says whether any
+    /// are left.
+    fn index_step(&mut self) -> bool {
+        let Some(indexing) = &mut self.indexing else {
+            return false;
+        };
+        if let Ok(object) = object::File::parse(&*indexing.passing) {
+            let dwarf = dwarf(&object, self.endian);
+            let from = indexing.left.len().saturating_sub(UNITS_PER_STEP);
+            for offset in indexing.left.drain(from..) {
+                self.index.add_unit(&dwarf, offset);
+            }
+        } else {
+            indexing.left.clear();
+        }
+        forget_pages(&indexing.passing);
+        if indexing.left.is_empty() {
+            self.index.finish();
+            self.indexing = None;
+            return false;
+        }
+        true
     }
 
     /// The frames at each of `probes` (file addresses, sorted), innermost
     /// first; empty where no unit has a function there. Each unit that may
     /// hold some of them is read once for all of those.
     fn frames(&self, probes: &[u64]) -> Vec<Vec<DwarfFrame>> {
+        if self.indexing.is_none() {
+            return self
+                .index
+                .frames(&dwarf(&self.object, self.endian), &self.offsets, probes);
+        }
+        self.frames_by_units(probes)
+    }
+
+    /// [`DebugInfo::frames`] without the index: each unit that may hold some
+    /// of `probes` is read whole, once for all of those.
+    fn frames_by_units(&self, probes: &[u64]) -> Vec<Vec<DwarfFrame>> {
         let mut found = vec![Vec::new(); probes.len()];
         // Units whose span holds each probe, the narrowest first: spans of
         // units whose code is interleaved overlap.
@@ -505,14 +587,24 @@ fn index_units<'a>(
     (spans, offsets)
 }
 
-/// `path` mapped into memory for the rest of the process, once per path:
-/// frames are named from it whenever a stall needs it, and only the pages
-/// read stay resident (clean file pages the kernel can drop).
-fn mapped(path: &Path) -> Option<&'static [u8]> {
-    static MAPPED: Mutex<Vec<(PathBuf, &'static [u8])>> = Mutex::new(Vec::new());
+/// Lets the resident pages of a mapping go.
+fn forget_pages(passing: &memmap2::Mmap) {
+    // SAFETY: the mapping is private, read-only and never written, so after
+    // MADV_DONTNEED its pages read back from the file exactly as before (see
+    // `mapped` for the file itself). Slices into it stay valid: the range
+    // stays mapped; only its resident pages are let go.
+    let _ = unsafe { passing.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+}
+
+/// `path` mapped into memory for the rest of the process, once per path.
+/// Frames are named from it whenever a stall needs it; after each naming
+/// its pages are let go ([`forget_pages`]), so it holds no resident memory
+/// between namings.
+fn mapped(path: &Path) -> Option<&'static memmap2::Mmap> {
+    static MAPPED: Mutex<Vec<(PathBuf, &'static memmap2::Mmap)>> = Mutex::new(Vec::new());
     let mut maps = MAPPED.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some((_, data)) = maps.iter().find(|(p, _)| p == path) {
-        return Some(data);
+    if let Some((_, map)) = maps.iter().find(|(p, _)| p == path) {
+        return Some(map);
     }
     let file = File::open(path).ok()?;
     // SAFETY: the mapping is read-only and private. A loaded module's file
@@ -522,9 +614,9 @@ fn mapped(path: &Path) -> Option<&'static [u8]> {
     // as for any tool reading debug information from a mapping (addr2line's
     // own loader maps files the same way).
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let data: &'static [u8] = Box::leak(Box::new(map));
-    maps.push((path.to_owned(), data));
-    Some(data)
+    let map: &'static memmap2::Mmap = Box::leak(Box::new(map));
+    maps.push((path.to_owned(), map));
+    Some(map)
 }
 
 /// `poll<F, S>` → `poll`: with `line-tables-only` debug information (the
