@@ -630,11 +630,14 @@ pub(super) fn without_generic_arguments(mut name: String) -> String {
         return name;
     }
     let mut depth = 0usize;
+    let bytes = name.as_bytes();
     for (at, c) in name.char_indices().rev() {
         match c {
+            // The `>` of a function type's `->` closes nothing.
+            '>' if at > 0 && bytes[at - 1] == b'-' => {}
             '>' => depth += 1,
             '<' => {
-                depth -= 1;
+                depth = depth.saturating_sub(1);
                 if depth == 0 {
                     if at > 0 {
                         name.truncate(at);

@@ -530,6 +530,15 @@ fn inlined_names_lose_their_generic_arguments_only() {
     );
     assert_eq!(short("sleeping_culprit"), "sleeping_culprit");
     assert_eq!(short("<>"), "<>");
+    // A function type's `->` among the arguments (axum's handler futures).
+    assert_eq!(
+        short("{async_block#0}<fn(State<S>) -> handler::{async_fn_env#0}, Result<R, E>>"),
+        "{async_block#0}"
+    );
+    assert_eq!(
+        short("poll<Pin<Box<dyn Future<Output=R>>>, fn(R) -> Result<R, Infallible>>"),
+        "poll"
+    );
 }
 
 #[test]
