@@ -127,6 +127,11 @@ impl Admin {
     /// thread, `stall-watch-admin`.
     pub fn spawn(mut self) -> std::io::Result<AdminServer> {
         let listener = std::net::TcpListener::bind(self.listen)?;
+        // std listens with a backlog of 128: a burst of connections past it
+        // overflows the accept queue and a dropped SYN costs its client a
+        // 1 s retransmit. Listening again raises it (capped by
+        // net.core.somaxconn), as tokio's own `bind` does.
+        socket2::SockRef::from(&listener).listen(4096)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
