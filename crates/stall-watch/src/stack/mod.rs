@@ -25,7 +25,8 @@
 //!    via framehop: [`unwind`]) and names each return address with its
 //!    function, file and line, inlined frames included, reading only the
 //!    DWARF of the functions on the stack through an index of each
-//!    function's and line sequence's addresses ([`symbols`], [`dwarf`]),
+//!    function's and line sequence's addresses ([`symbols`], [`dwarf`],
+//!    [`index`]),
 //!    with a cache by address.
 //!
 //! Why copy and unwind later rather than walk frame pointers in the handler:
@@ -68,32 +69,26 @@ use std::fmt;
 
 use serde::Serialize;
 
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-mod dwarf;
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-mod signal;
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-mod symbols;
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-mod unwind;
+/// The items that exist only where capture is implemented.
+macro_rules! where_supported {
+    ($($item:item)*) => {$(
+        #[cfg(all(
+            target_os = "linux",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        ))]
+        $item
+    )*};
+}
 
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-pub(crate) use signal::Sampler;
+where_supported! {
+    mod dwarf;
+    mod index;
+    mod names;
+    mod signal;
+    mod symbols;
+    mod unwind;
+    pub(crate) use signal::Sampler;
+}
 
 #[cfg(not(all(
     target_os = "linux",

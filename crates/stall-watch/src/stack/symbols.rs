@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use addr2line::gimli;
 use object::{Object, ObjectSection};
 
-use super::dwarf::{DwarfFrame, Index, Slice, frames_in_unit};
+use super::dwarf::{DwarfFrame, Frames, Slice};
+use super::index::Index;
 use super::unwind::{LoadedModule, StackWalker, loaded_modules};
 use super::{Frame, RawStack};
 
@@ -131,20 +132,19 @@ impl Symbolizer {
 
     /// Bytes held by the function and line indexes.
     pub(super) fn index_bytes(&self) -> usize {
-        self.modules
-            .iter()
-            .filter_map(|m| m.debug.as_ref()?.as_ref())
-            .map(|d| d.index.bytes())
-            .sum()
+        self.debug_infos().map(|d| d.index.bytes()).sum()
     }
 
     /// Compilation units with code indexed, over every module.
     pub(super) fn indexed_units(&self) -> usize {
+        self.debug_infos().map(|d| d.spans.len()).sum()
+    }
+
+    /// The debug information of each module that has some, once opened.
+    fn debug_infos(&self) -> impl Iterator<Item = &DebugInfo> {
         self.modules
             .iter()
             .filter_map(|m| m.debug.as_ref()?.as_ref())
-            .map(|d| d.spans.len())
-            .sum()
     }
 
     /// The frames of `raw`, innermost first; see [`super::Sampler::symbolize`].
@@ -181,11 +181,7 @@ impl Symbolizer {
             }
             // The names are kept; the debug information's pages are not
             // (clean file pages, read back on the next naming if needed).
-            for debug in self
-                .modules
-                .iter()
-                .filter_map(|m| m.debug.as_ref()?.as_ref())
-            {
+            for debug in self.debug_infos() {
                 forget_pages(debug.map);
             }
         }
@@ -214,22 +210,10 @@ impl Symbolizer {
             };
             let context = addr2line::Context::from_dwarf(dwarf(&debug.object, debug.endian))
                 .expect("addr2line context");
-            let mut found = Vec::new();
-            let mut iter = context.find_frames(probe).skip_all_loads().expect("frames");
-            while let Ok(Some(frame)) = iter.next() {
-                let Some(function) = frame.function.as_ref().and_then(|f| f.demangle().ok()) else {
-                    continue;
-                };
-                let location = frame.location.as_ref();
-                found.push(to_frame(
-                    DwarfFrame {
-                        function: function.into_owned(),
-                        file: location.and_then(|l| l.file).map(str::to_owned),
-                        line: location.and_then(|l| l.line),
-                    },
-                    system,
-                ));
-            }
+            let mut found: Vec<Frame> = addr2line_frames(&context, probe)
+                .into_iter()
+                .map(|f| to_frame(f, system))
+                .collect();
             if found.is_empty() {
                 found = debug
                     .symbol_frame(probe)
@@ -340,20 +324,7 @@ pub(super) fn compare_with_addr2line(path: &Path, every: usize) -> (usize, Vec<S
         .expect("addr2line context");
     let mut differ = Vec::new();
     for ((probe, by_units), indexed) in probes.iter().zip(by_units).zip(indexed) {
-        let mut theirs = Vec::new();
-        if let Ok(mut iter) = context.find_frames(*probe).skip_all_loads() {
-            while let Ok(Some(frame)) = iter.next() {
-                let Some(function) = frame.function.as_ref().and_then(|f| f.demangle().ok()) else {
-                    continue;
-                };
-                let location = frame.location.as_ref();
-                theirs.push(DwarfFrame {
-                    function: function.into_owned(),
-                    file: location.and_then(|l| l.file).map(str::to_owned),
-                    line: location.and_then(|l| l.line),
-                });
-            }
-        }
+        let theirs = addr2line_frames(&context, *probe);
         if by_units != theirs || indexed != theirs {
             differ.push(format!(
                 "{probe:#x}: by units {by_units:?}\n  indexed {indexed:?}\n  addr2line {theirs:?}"
@@ -361,6 +332,27 @@ pub(super) fn compare_with_addr2line(path: &Path, every: usize) -> (usize, Vec<S
         }
     }
     (probes.len(), differ)
+}
+
+#[cfg(test)]
+/// The frames addr2line gives at `probe`, those without a name left out
+/// (as the symbolizer leaves them out).
+fn addr2line_frames(context: &addr2line::Context<Slice<'_>>, probe: u64) -> Vec<DwarfFrame> {
+    let mut frames = Vec::new();
+    if let Ok(mut iter) = context.find_frames(probe).skip_all_loads() {
+        while let Ok(Some(frame)) = iter.next() {
+            let Some(function) = frame.function.as_ref().and_then(|f| f.demangle().ok()) else {
+                continue;
+            };
+            let location = frame.location.as_ref();
+            frames.push(DwarfFrame {
+                function: function.into_owned(),
+                file: location.and_then(|l| l.file).map(str::to_owned),
+                line: location.and_then(|l| l.line),
+            });
+        }
+    }
+    frames
 }
 
 /// A frame as shown: the name without generic arguments, and whether it is
@@ -485,6 +477,7 @@ impl DebugInfo {
             })
             .collect();
         let dwarf = dwarf(&self.object, self.endian);
+        let mut reader = Frames::new(&dwarf, &self.offsets);
         for rank in 0.. {
             // The probes still unnamed, by their next candidate unit.
             let mut by_unit: HashMap<usize, Vec<usize>> = HashMap::new();
@@ -500,7 +493,7 @@ impl DebugInfo {
             }
             for (offset, indices) in by_unit {
                 let held: Vec<u64> = indices.iter().map(|&i| probes[i]).collect();
-                let frames = frames_in_unit(&dwarf, &self.offsets, offset, &held);
+                let frames = reader.in_unit(offset, &held);
                 for (index, frames) in indices.into_iter().zip(frames) {
                     found[index] = frames;
                 }
