@@ -120,6 +120,9 @@ pub struct RuntimeConfig {
     /// 0 means one worker per CPU core; see [`RuntimeConfig::effective_workers`].
     pub worker_threads: usize,
     pub max_blocking_threads: usize,
+    /// Added to the nice value of a blocking-pool thread before it runs
+    /// offloaded CPU work: see [`crate::cpu::lower_priority`].
+    pub offload_nice: u8,
 }
 
 impl RuntimeConfig {
@@ -458,7 +461,7 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
     };
     // Each (key, value, allowed range): a value outside would make the
     // runtime panic or the scenarios meaningless.
-    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 10] = [
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 11] = [
         (
             "runtime.worker_threads",
             c.runtime.worker_threads as u64,
@@ -468,6 +471,11 @@ fn validate(loaded: &Loaded) -> Result<(), ConfigError> {
             "runtime.max_blocking_threads",
             c.runtime.max_blocking_threads as u64,
             1..=4096,
+        ),
+        (
+            "runtime.offload_nice",
+            u64::from(c.runtime.offload_nice),
+            0..=19,
         ),
         (
             "server.header_read_timeout_ms",
@@ -580,6 +588,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("expected an integer"), "{err}");
+        for nice in ["20", "-1"] {
+            let err = load(
+                None,
+                env(&[("STALL_LAB__RUNTIME__OFFLOAD_NICE", nice)]),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("runtime.offload_nice"), "{nice}: {err}");
+        }
     }
 
     #[test]

@@ -48,9 +48,76 @@ pub(crate) fn burn(duration: Duration) -> u64 {
     }
 }
 
+/// Lowers the calling thread's scheduling priority by `by` nice levels,
+/// once per thread (a blocking-pool thread is reused; its priority stays).
+///
+/// For offloaded CPU work: with more runnable threads than cores, the OS
+/// shares a core in proportion to each thread's weight, which drops by about
+/// a quarter per nice level (a thread at +10 weighs ~1/10 of one at 0). A
+/// worker that has requests to read then gets the core first, and the jobs
+/// still get every cycle nobody else wants. Not undone: raising a priority
+/// back takes a privilege (`CAP_SYS_NICE`) a server should not need.
+/// Returns the error if the OS refused (the work then runs unchanged).
+pub(crate) fn lower_priority(by: u8) -> std::io::Result<()> {
+    use std::cell::Cell;
+    thread_local! {
+        static LOWERED: Cell<bool> = const { Cell::new(false) };
+    }
+    if by == 0 || LOWERED.get() {
+        return Ok(());
+    }
+    LOWERED.set(true);
+    renice_this_thread(i32::from(by))
+}
+
+#[cfg(target_os = "linux")]
+fn renice_this_thread(by: i32) -> std::io::Result<()> {
+    use rustix::process::{getpriority_process, setpriority_process};
+    // On Linux a nice value is per thread: `PRIO_PROCESS` with a thread id
+    // changes that thread only.
+    let me = Some(rustix::thread::gettid());
+    let now = getpriority_process(me)?;
+    setpriority_process(me, (now + by).min(19))?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn renice_this_thread(_by: i32) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// This thread's nice value (Linux; `None` elsewhere).
+#[cfg(test)]
+fn nice() -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    return rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok();
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_priority_renices_this_thread_once_and_no_other() {
+        let main_before = nice();
+        let (before, after, again) = std::thread::spawn(|| {
+            let before = nice();
+            lower_priority(3).unwrap();
+            let after = nice();
+            lower_priority(3).unwrap();
+            (before, after, nice())
+        })
+        .join()
+        .unwrap();
+        if cfg!(target_os = "linux") {
+            let before = before.unwrap();
+            assert_eq!(after, Some((before + 3).min(19)));
+            assert_eq!(again, after, "once per thread");
+        }
+        assert_eq!(nice(), main_before, "only the calling thread");
+    }
 
     #[test]
     fn burns_for_about_the_requested_time() {

@@ -35,6 +35,9 @@ pub struct Shared {
     pub stall_budget: Arc<Semaphore>,
     pub flavor: Flavor,
     pub workers: usize,
+    /// `runtime.offload_nice`: how far offloaded CPU work lowers its
+    /// blocking-pool thread's priority.
+    pub offload_nice: u8,
     /// Base URL of this very server, for `/downstream` to call itself.
     pub self_url: String,
     /// HTTP client for `/downstream`; one per server so connections are reused.
@@ -126,6 +129,7 @@ impl AppState {
             stall_budget: Arc::new(Semaphore::new(config.limits.max_stalling_in_flight)),
             flavor: config.runtime.flavor,
             workers: config.runtime.effective_workers(),
+            offload_nice: config.runtime.offload_nice,
             self_url,
             http: reqwest::Client::builder()
                 // Only loopback is ever called; never route it via a proxy

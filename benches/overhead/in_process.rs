@@ -13,6 +13,7 @@ pub(crate) fn app_runtime(watch: bool) -> (tokio::runtime::Runtime, Option<Watch
         flavor: stall_lab::config::Flavor::CurrentThread,
         worker_threads: 1,
         max_blocking_threads: 1,
+        offload_nice: 0,
     };
     let w = watch.then(|| {
         Watch::new(

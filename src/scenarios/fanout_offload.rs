@@ -12,6 +12,10 @@
 //! only so many cores. Each job burns CPU for `ms` of wall time, so 8 jobs on
 //! 8 threads of a 2-core machine all finish in about `ms` — but each was on a
 //! CPU only a quarter of that time (`cpu_ms`), and `parallelism` stays ≈ 2.
+//! The jobs' threads run at a lower priority than the workers
+//! (`runtime.offload_nice`), so however many jobs burn, a worker with
+//! requests to read gets a core first: `/healthz` and the budget's 503s
+//! still answer in milliseconds.
 //!
 //! **What you will see.**
 //! - JSON: `jobs` on several blocking-pool threads with overlapping
@@ -59,7 +63,9 @@ pub(super) async fn handler(
             // Created here (a child of the request span), entered on the
             // blocking thread.
             let span = tracing::info_span!("offloaded job", index, ms);
-            tokio::task::spawn_blocking(move || span.in_scope(|| Job::cpu(index, ms, started)))
+            super::offload(&state, move || {
+                span.in_scope(|| Job::cpu(index, ms, started))
+            })
         })
         .collect();
     let mut jobs = Vec::with_capacity(handles.len());

@@ -52,6 +52,22 @@ pub fn router() -> Router<AppState> {
 }
 
 pub use crate::report::HOLD_MS;
+
+/// Runs `job` on the blocking pool, its thread reniced by
+/// `runtime.offload_nice` first ([`crate::cpu::lower_priority`]): offloaded
+/// CPU work yields contended cores to the workers.
+fn offload<T: Send + 'static>(
+    state: &AppState,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let nice = state.offload_nice;
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = crate::cpu::lower_priority(nice) {
+            tracing::debug!("offloaded job runs at the workers' priority: renice refused: {e}");
+        }
+        job()
+    })
+}
 pub use crate::scenario::Scenario;
 
 /// How the worker a request ran on is named in verdicts: on a

@@ -11,7 +11,8 @@
 //! the fix for CPU-heavy or blocking calls that cannot be cut into slices.
 //! The pool is bounded: past `max_blocking_threads` jobs queue (see
 //! `/fanout/offload`), and on a 2-core machine the work still competes for
-//! the same two cores.
+//! the same two cores: at a lower priority (`runtime.offload_nice`, +10 by
+//! default), so a worker with requests to read gets a core first.
 //!
 //! **What you will see.**
 //! - JSON: `polls` = 2, `busy_ms` ≈ 0, and one job that `ran_on` the
@@ -56,7 +57,7 @@ pub(super) async fn handler(
     // The span is created here, inside the request span, and entered on the
     // blocking thread: spans do not follow `spawn_blocking` by themselves.
     let span = tracing::info_span!("offloaded job", index = 0, ms);
-    let job = tokio::task::spawn_blocking(move || span.in_scope(|| Job::cpu(0, ms, started)))
+    let job = super::offload(&state, move || span.in_scope(|| Job::cpu(0, ms, started)))
         .await
         .map_err(|e| AppError::Internal(format!("offloaded job failed: {e}")))?;
 

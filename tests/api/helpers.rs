@@ -23,6 +23,13 @@ const OTEL_ENV: &[&str] = &[
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_stall-lab");
 
+/// The server binary the tests start: [`BIN`], the build cargo made for the
+/// tests, unless `STALL_LAB_TEST_BIN` names another (the release build, for
+/// figures of the product as users run it).
+pub fn server_bin() -> std::ffi::OsString {
+    std::env::var_os("STALL_LAB_TEST_BIN").unwrap_or_else(|| BIN.into())
+}
+
 /// How long a server may take to print its listening lines. Generous: CI
 /// machines are shared and may be busy compiling.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -327,7 +334,7 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 /// on a collector, on a free port 6669 or 3001, nor on the developer's
 /// `OTEL_*`, `TOKIO_CONSOLE_BIND` and `RUST_LOG`.
 fn stall_lab(env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BIN);
+    let mut command = Command::new(server_bin());
     command
         .stdin(Stdio::null())
         .env("STALL_LAB__TELEMETRY__OTLP", "false")

@@ -12,8 +12,9 @@
 //! - a 503 is said at once: its handler does not wait for a permit (its
 //!   span's `wall_ms`). The time from its bytes arriving to the answer
 //!   (`queued_ms` + `wall_ms`) and the client's view are printed; the 50 ms
-//!   goal on them is asserted only with `STALL_LAB_LOAD_STRICT=1`, as they
-//!   count the machine's load too;
+//!   goal on the first, at p99, is asserted with `STALL_LAB_LOAD_STRICT=1`
+//!   (`scripts/test` runs this test so against the release build, with
+//!   `STALL_LAB_TEST_BIN`; the debug build's burst alone takes about that);
 //! - SIGTERM under the same load: the server exits within
 //!   `server.shutdown_grace_ms`, and the span of every request the clients
 //!   saw answered 200 reached the collector (matched by the span id in
@@ -321,9 +322,11 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
     assert!(!busy.is_empty(), "the load never reached the stall budget");
     // The budget says no at once: no 503 waits for a permit or a job. The
     // goal, 50 ms from the bytes arriving to the answer, also counts the
-    // time the burst's requests wait to be read, which on a shared 2-core
-    // machine running other builds is the machine's figure, not the
-    // server's: printed, and asserted only with STALL_LAB_LOAD_STRICT=1.
+    // time the burst's 64 requests wait to be read: a matter of the build
+    // (the debug build takes ~0.5 ms of a worker per request, so a burst
+    // alone is tens of ms) and of the machine. Asserted with
+    // STALL_LAB_LOAD_STRICT=1, which `scripts/test` sets for its run
+    // against the release build.
     assert_eq!(busy_server.len(), busy.len(), "a span for every 503");
     // (The median: one preempted by the OS for tens of milliseconds on a
     // loaded machine is no queueing; waiting for a permit would be all of
