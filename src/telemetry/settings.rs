@@ -83,7 +83,7 @@ impl Default for TelemetryConfig {
             console_listen: SocketAddr::from(([127, 0, 0, 1], 6669)),
             console_retention_secs: 600,
             console_publish_interval_ms: 1000,
-            console_task_budget: 2000,
+            console_task_budget: 1000,
         }
     }
 }

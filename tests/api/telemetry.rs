@@ -265,7 +265,7 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
     const NOTICE: &str = "tokio-console: task budget used up";
     let fast_publish = ("TOKIO_CONSOLE_PUBLISH_INTERVAL", "100ms");
 
-    // The default budget (2000 per 10 minutes): every request is in the
+    // The default budget (1000 per 10 minutes): every request is in the
     // console, and so is the timer each /coop/sleep created.
     let app = spawn_app(&[], &[fast_publish]);
     let (tasks, timers, hyper_timers, runtime) = console_sees(&app).await;
@@ -274,7 +274,7 @@ async fn the_console_records_tasks_up_to_its_budget_and_says_so_once() {
     // The connection task is recorded, but not the header timer hyper arms
     // in it for each request: the console would keep one per request.
     assert_eq!(hyper_timers, 0, "hyper's header timers reached the console");
-    assert_eq!(runtime["console"]["task_budget"], 2000);
+    assert_eq!(runtime["console"]["task_budget"], 1000);
     assert_eq!(runtime["console"]["tasks_not_recorded"], 0, "{runtime}");
     assert!(!app.logs().contains(NOTICE));
 

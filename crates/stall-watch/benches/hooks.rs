@@ -1,36 +1,84 @@
-//! What the poll hooks cost per poll: a task that yields a million times on a
-//! current-thread runtime, with and without the hooks installed, best of
-//! several interleaved runs (the minimum is the cost without interference
-//! from whatever else the machine is doing).
+//! What the poll hooks cost per poll: a task that yields on a
+//! current-thread runtime with the hooks installed and on one without, in
+//! short chunks taken in turn (`HOOKS_PAIRS` pairs of `HOOKS_CHUNK` polls,
+//! the order swapped every pair). The cost is the **median of the pairs'
+//! differences**: each pair runs within a few milliseconds, so whatever else
+//! the machine does drifts out of the difference, and the median ignores
+//! the pairs a preemption landed in. (The difference of two best-of-N
+//! minima, this bench's earlier figure, moved from 4 to 93 ns between runs
+//! of the same build here.)
 //!
 //! Then what a stack capture costs: `HOOKS_STALLS` stalls of 60 ms in a row
 //! on a watched runtime, and the watch's own capture figures (time in the
 //! signal handler, round trip, naming the first stack and a cached one,
 //! buffer per worker) with the process's resident memory before and after.
 //!
-//! Run with `cargo bench -p stall-watch --bench hooks`; `HOOKS_POLLS`,
-//! `HOOKS_RUNS` and `HOOKS_STALLS` override the defaults.
+//! Run with `cargo bench -p stall-watch --bench hooks`; `HOOKS_PAIRS`,
+//! `HOOKS_CHUNK` and `HOOKS_STALLS` override the defaults.
 
 use std::time::{Duration, Instant};
 
 fn main() {
-    let polls: u32 = env_or("HOOKS_POLLS", 1_000_000);
-    let runs: u32 = env_or("HOOKS_RUNS", 7);
+    let pairs: usize = env_or("HOOKS_PAIRS", 400);
+    let chunk: u32 = env_or("HOOKS_CHUNK", 10_000);
     let watch = stall_watch::Watch::new(
         stall_watch::Config::default()
             .threshold(Duration::from_millis(20))
             .stacks(false),
     );
-    let (mut with, mut without) = (f64::MAX, f64::MAX);
-    for _ in 0..runs {
-        with = with.min(ns_per_poll(Some(&watch), polls));
-        without = without.min(ns_per_poll(None, polls));
+    let hooked = runtime(Some(&watch));
+    let plain = runtime(None);
+    // Warm both up (thread-locals, the watch's first-poll registration).
+    ns_per_poll(&hooked, chunk);
+    ns_per_poll(&plain, chunk);
+    let (mut with, mut without, mut cost) = (
+        Vec::with_capacity(pairs),
+        Vec::with_capacity(pairs),
+        Vec::with_capacity(pairs),
+    );
+    for pair in 0..pairs {
+        let (w, wo) = if pair % 2 == 0 {
+            let w = ns_per_poll(&hooked, chunk);
+            (w, ns_per_poll(&plain, chunk))
+        } else {
+            let wo = ns_per_poll(&plain, chunk);
+            (ns_per_poll(&hooked, chunk), wo)
+        };
+        with.push(w);
+        without.push(wo);
+        cost.push(w - wo);
     }
-    println!("stall-watch poll hooks: {polls} polls, best of {runs} runs each");
-    println!("  without hooks  {without:7.1} ns/poll");
-    println!("  with hooks     {with:7.1} ns/poll");
-    println!("  hooks cost     {:7.1} ns/poll", (with - without).max(0.0));
+    let (with, without, cost) = (sorted(with), sorted(without), sorted(cost));
+    println!("stall-watch poll hooks: {pairs} pairs of {chunk} polls, in turn");
+    println!(
+        "  without hooks  {:7.1} ns/poll (median)",
+        quantile(&without, 0.5)
+    );
+    println!(
+        "  with hooks     {:7.1} ns/poll (median)",
+        quantile(&with, 0.5)
+    );
+    println!(
+        "  hooks cost     {:7.1} ns/poll (median of the pairs' differences; quartiles {:.1} to {:.1})",
+        quantile(&cost, 0.5),
+        quantile(&cost, 0.25),
+        quantile(&cost, 0.75)
+    );
     capture_costs(env_or("HOOKS_STALLS", 20));
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The `q` quantile of sorted `v` (nearest rank).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let at = ((v.len() - 1) as f64 * q).round() as usize;
+    v[at]
 }
 
 /// Stalls `stalls` times and prints what capturing their stacks cost.
@@ -89,13 +137,17 @@ fn rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Nanoseconds per poll of a task that yields `polls` times.
-fn ns_per_poll(watch: Option<&stall_watch::Watch>, polls: u32) -> f64 {
+/// A current-thread runtime, with `watch`'s hooks if given.
+fn runtime(watch: Option<&stall_watch::Watch>) -> tokio::runtime::Runtime {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     if let Some(watch) = watch {
         watch.install(&mut builder);
     }
-    let runtime = builder.enable_all().build().expect("runtime");
+    builder.enable_all().build().expect("runtime")
+}
+
+/// Nanoseconds per poll of a task that yields `polls` times on `runtime`.
+fn ns_per_poll(runtime: &tokio::runtime::Runtime, polls: u32) -> f64 {
     runtime.block_on(async {
         let task = tokio::spawn(async move {
             for _ in 0..polls {
