@@ -250,14 +250,18 @@ impl<F: Future> Future for Measured<F> {
             && took >= *threshold
         {
             let place = Place::current();
-            // The message starts with "held …" (the span event's name in
-            // Jaeger). Not logged: the stall watcher logs the same stall.
-            tracing::warn!(
-                target: crate::telemetry::SPAN_EVENT_ONLY,
-                poll_ms = ms(took),
-                task = &**label,
-                "held {place} for {:.0} ms without yielding",
-                took.as_secs_f64() * 1000.0
+            // An event on the request's span, for Jaeger ("held worker 0
+            // for 300 ms without yielding"); not logged: the stall watcher
+            // logs the same stall.
+            crate::telemetry::add_event(
+                format!(
+                    "held {place} for {:.0} ms without yielding",
+                    took.as_secs_f64() * 1000.0
+                ),
+                vec![
+                    opentelemetry::KeyValue::new("poll_ms", ms(took)),
+                    opentelemetry::KeyValue::new("task", label.to_string()),
+                ],
             );
         }
         result

@@ -17,7 +17,8 @@
 //! interrupted anyway (it never reaches an `.await` where it could be
 //! cancelled), and finishing keeps the stall budget honest.
 //!
-//! The server span follows the OpenTelemetry HTTP semantic conventions
+//! The server span (with OTLP on; made with the OpenTelemetry SDK, see
+//! [`RequestSpan`]) follows the HTTP semantic conventions
 //! (`http.request.method`, `http.route`, `url.path`,
 //! `http.response.status_code`), continues an inbound W3C `traceparent`, and
 //! ends with the poll statistics as attributes, so Jaeger shows *why* a
@@ -31,14 +32,16 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
-use tracing::field::Empty;
+use futures::future::Either;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::FutureExt as _;
 
 use crate::arrival::Arrival;
 use crate::error::AppError;
 use crate::measure::PollStats;
 use crate::report::Probe;
 use crate::state::AppState;
+use crate::telemetry::RequestSpan;
 
 /// Route label for requests that matched no route.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -54,33 +57,10 @@ pub(crate) async fn run_in_own_task(
     let route = matched.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
     let name = state.task_name(req.method(), route);
 
-    // A root span in tracing's tree: its parent is the caller's trace
-    // (`traceparent`, below), not whatever span is current here (the
-    // connection task's, when tokio-console records it), whose lookup and
-    // reference count would cost on every request for nothing.
-    let span = tracing::info_span!(
-        parent: None,
-        "request",
-        // `&str`, not `%` (Display): a str is recorded as is, Display goes
-        // through the formatting machinery on every request.
-        otel.name = &*name,
-        otel.kind = "server",
-        otel.status_code = Empty,
-        http.request.method = req.method().as_str(),
-        http.route = route,
-        url.path = req.uri().path(),
-        http.response.status_code = Empty,
-        wall_ms = Empty,
-        polls = Empty,
-        busy_ms = Empty,
-        longest_poll_ms = Empty,
-        sched_delay_ms = Empty,
-        queued_ms = Empty,
-        workers = Empty,
-    );
-    // Before the span is first entered: afterwards its parent is fixed.
-    crate::telemetry::set_parent_from_headers(&span, req.headers());
-    let ids = crate::telemetry::span_ids(&span);
+    // The server span, made with the OpenTelemetry SDK (`telemetry::
+    // RequestSpan` says why not with `tracing`); none with OTLP off.
+    let otel = RequestSpan::start(&name, req.method(), route, req.uri().path(), req.headers());
+    let ids = otel.as_ref().and_then(RequestSpan::ids);
     // What the ids are needed for, made before the culprit takes them.
     // W3C Trace Context level 2: tells the client which trace to look up.
     let traceresponse = ids
@@ -93,7 +73,7 @@ pub(crate) async fn run_in_own_task(
     let culprit = state
         .watch
         .as_ref()
-        .map(|_| state.culprit(&name, route, ids, &span));
+        .map(|_| state.culprit(&name, route, ids));
     let stats = PollStats::new();
     // The kernel stamped the request's bytes when they reached the socket;
     // it is now fully read, so their age is how long it waited to be read.
@@ -114,13 +94,17 @@ pub(crate) async fn run_in_own_task(
         watch: state.watch.clone(),
     };
     req.extensions_mut().insert(probe);
-    // Span outside, measurement inside: the event the measuring wrapper
-    // emits for a long poll lands on the request's span.
     let mut work = stats.measure(next.run(req));
     if let Some(watch) = &state.watch {
         work = work.report_polls_over(watch.threshold(), name.clone());
     }
-    let work = work.instrument(span.clone());
+    // Context outside, measurement inside: each poll runs with the request
+    // span as the current OpenTelemetry context, so the scenarios' spans
+    // are its children and the long-poll event lands on it.
+    let work = match &otel {
+        Some(otel) => Either::Left(work.with_context(otel.context().clone())),
+        None => Either::Right(work),
+    };
 
     state.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(&state);
@@ -147,7 +131,9 @@ pub(crate) async fn run_in_own_task(
         tracing::warn!("{notice}");
     }
 
-    record_outcome(&span, response.status(), &stats);
+    if let Some(otel) = otel {
+        end_span(otel, response.status(), &stats);
+    }
 
     if let Some(value) = traceresponse {
         response.headers_mut().insert("traceresponse", value);
@@ -155,61 +141,30 @@ pub(crate) async fn run_in_own_task(
     response
 }
 
-/// Records how the request went on its span, in **one** call: each
-/// `Span::record` is a trip through every layer of the subscriber (a span
-/// lookup per layer, then the OpenTelemetry layer's own bookkeeping), and
-/// there are nine fields. With no layer interested in the span (OTLP off) it
-/// does nothing, not even take the statistics' snapshot.
-fn record_outcome(span: &tracing::Span, status: StatusCode, stats: &PollStats) {
-    use tracing::field::Value;
-    // (A disabled span still has its metadata: check `is_disabled` first.)
-    if span.is_disabled() {
-        return;
-    }
-    let Some(meta) = span.metadata() else {
-        return;
-    };
+/// Ends the request's span with how the request went: the status and the
+/// poll statistics (a snapshot taken only when there is a span).
+fn end_span(otel: RequestSpan, status: StatusCode, stats: &PollStats) {
     let stats = stats.snapshot();
-    let fields = meta.fields();
-    let field = |name: &str| {
-        fields
-            .field(name)
-            .expect("declared by the request span above")
-    };
-    let keys = [
-        field("http.response.status_code"),
-        field("otel.status_code"),
-        field("wall_ms"),
-        field("polls"),
-        field("busy_ms"),
-        field("longest_poll_ms"),
-        field("sched_delay_ms"),
-        field("queued_ms"),
-        field("workers"),
-    ];
-    let code = u64::from(status.as_u16());
-    let error = status.is_server_error().then_some("ERROR");
     // One string, written in place: no `String` per worker and no `Vec`.
     let mut workers = String::with_capacity(24);
     for (i, place) in stats.workers.iter().enumerate() {
         use std::fmt::Write;
         let _ = write!(workers, "{}{place}", if i == 0 { "" } else { ", " });
     }
-    let workers = workers.as_str();
-    let values: [Option<&dyn Value>; 9] = [
-        Some(&code),
-        error.as_ref().map(|e| e as &dyn Value),
-        Some(&stats.wall_ms),
-        Some(&stats.polls),
-        Some(&stats.busy_ms),
-        Some(&stats.longest_poll_ms),
-        Some(&stats.sched_delay_ms),
-        stats.queued_ms.as_ref().map(|q| q as &dyn Value),
-        Some(&workers),
+    let attributes = [
+        KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+        KeyValue::new("wall_ms", stats.wall_ms),
+        KeyValue::new("polls", i64::try_from(stats.polls).unwrap_or(i64::MAX)),
+        KeyValue::new("busy_ms", stats.busy_ms),
+        KeyValue::new("longest_poll_ms", stats.longest_poll_ms),
+        KeyValue::new("sched_delay_ms", stats.sched_delay_ms),
+        KeyValue::new("workers", workers),
     ];
-    let pairs: [(&tracing::field::Field, Option<&dyn Value>); 9] =
-        std::array::from_fn(|i| (&keys[i], values[i]));
-    span.record_all(&fields.value_set(&pairs));
+    let queued = stats.queued_ms.map(|q| KeyValue::new("queued_ms", q));
+    otel.end(
+        attributes.into_iter().chain(queued),
+        status.is_server_error(),
+    );
 }
 
 /// `00-{trace}-{span}-01` (W3C Trace Context level 2), built on the stack:

@@ -159,7 +159,10 @@ pub(crate) fn watch_config(config: &crate::config::Config) -> stall_watch::Confi
         .wake_idle_worker(stall.wake_idle_worker)
         .stacks(stall.stacks);
     if config.telemetry.otlp {
-        watch = watch.trace_url(config.admin.jaeger_ui_url.as_str());
+        watch = watch
+            .trace_url(config.admin.jaeger_ui_url.as_str())
+            // The request spans are OpenTelemetry SDK spans: link by ids.
+            .link_stall_span(crate::telemetry::link_stall_span);
     }
     watch
 }

@@ -93,15 +93,15 @@ impl AppState {
         task: &Arc<str>,
         route: &str,
         ids: Option<(String, String)>,
-        span: &tracing::Span,
     ) -> Arc<Culprit> {
         match (&ids, self.names.get(route)) {
             (None, Some(names)) if Arc::ptr_eq(task, &names.task) => names.untraced.clone(),
             _ => {
                 let culprit = Culprit::new(task.clone());
                 Arc::new(match ids {
-                    // Traced: the stall's span will link to this one.
-                    Some((trace, span_id)) => culprit.with_trace(trace, span_id).with_span(span),
+                    // Traced: the stall's span will link to the request's
+                    // by these ids (`telemetry::link_stall_span`).
+                    Some((trace, span_id)) => culprit.with_trace(trace, span_id),
                     None => culprit,
                 })
             }

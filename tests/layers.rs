@@ -34,7 +34,7 @@ const STALL_LAB: &[&str] = &[
 
 /// stall-watch's modules, bottom first.
 const STALL_WATCH: &[&str] = &[
-    "place", "config", "cpu", "culprit", "stack", "monitor", "hooks", "span", "namer", "watcher",
+    "place", "culprit", "config", "cpu", "stack", "monitor", "hooks", "span", "namer", "watcher",
     "lag", "watch", "layer", "admin",
 ];
 

@@ -6,8 +6,8 @@ use tracing_subscriber::filter::{self, FilterExt};
 use tracing_subscriber::layer::Filter;
 use tracing_subscriber::{EnvFilter, Registry};
 
+use super::TelemetryError;
 use super::lean_filter::LeanEnvFilter;
-use super::{SPAN_EVENT_ONLY, TelemetryError};
 
 /// Crates whose spans/events must never become OTLP spans: tokio's own
 /// instrumentation (`runtime.*` spans, `tokio::*` targets) and the exporter's
@@ -78,9 +78,7 @@ pub(super) fn fmt_filter(
             key: source,
             message: format!("{log:?}: {e}"),
         })?;
-    Ok(directives.and(filter::filter_fn(|meta| {
-        meta.is_event() && meta.target() != SPAN_EVENT_ONLY
-    })))
+    Ok(directives.and(filter::filter_fn(|meta| meta.is_event())))
 }
 
 /// The OpenTelemetry layer's filter: `telemetry.otlp_filter`, never tokio's

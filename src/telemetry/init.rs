@@ -51,6 +51,9 @@ pub fn init(cfg: &TelemetryConfig, info: &ResourceInfo) -> Result<Telemetry, Tel
     // Inbound/outbound W3C traceparent.
     global::set_text_map_propagator(TraceContextPropagator::new());
     global::set_tracer_provider(export.provider.clone());
+    if cfg.otlp {
+        super::request_span::install(export.provider.tracer(SERVICE_NAME));
+    }
 
     Ok(Telemetry {
         export,

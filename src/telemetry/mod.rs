@@ -34,10 +34,14 @@
 //!   *filter* would make every callsite "sometimes" interesting and cost on
 //!   every disabled `trace!` in the process.
 //! - `lean_filter`: `EnvFilter` without its per-span bookkeeping.
-//! - `propagation`: W3C `traceparent` in and out.
+//! - `propagation`: W3C `traceparent` out; `request_span`: each request's
+//!   server span, made with the OpenTelemetry SDK (it reads `traceparent`
+//!   in), the context its children find it in, its events, and the link
+//!   from a stall's span to it.
 //!
-//! With OTLP export off there is no OpenTelemetry layer at all: telemetry
-//! off means no per-request tracing cost (and no trace ids).
+//! With OTLP export off there is no OpenTelemetry layer and no request span
+//! at all: telemetry off means no per-request tracing cost (and no trace
+//! ids).
 
 mod console;
 mod console_budget;
@@ -48,6 +52,7 @@ mod init;
 mod layers;
 mod lean_filter;
 mod propagation;
+mod request_span;
 mod settings;
 mod side_thread;
 
@@ -56,16 +61,12 @@ pub use console_budget::{
 };
 pub use export::{ExportCounters, ExportSnapshot, ShutdownReport};
 pub use init::{Telemetry, init};
-pub use propagation::{inject_headers, set_parent_from_headers, span_ids};
+pub use propagation::inject_headers;
+pub use request_span::{RequestSpan, add_event, link_stall_span};
 pub use settings::{OtlpProtocol, TelemetryConfig};
 
 /// Name used for `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
 pub const SERVICE_NAME: &str = "stall-lab";
-
-/// The target of events meant for their span in Jaeger, not for the logs:
-/// the request's "held worker N for X ms" event, whose stall the watcher
-/// already logs ("stall in progress", "stall over").
-pub const SPAN_EVENT_ONLY: &str = "stall_lab::span_event";
 
 /// Facts about the app runtime that go into the OTLP resource.
 #[derive(Debug, Clone)]

@@ -1,6 +1,10 @@
 //! What to watch for, in plain Rust: no file format imposed.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::culprit::Culprit;
 
 /// How a [`crate::Watch`] detects and keeps stalls.
 ///
@@ -19,6 +23,20 @@ pub struct Config {
     pub(crate) max_workers: usize,
     pub(crate) trace_url: Option<String>,
     pub(crate) stacks: bool,
+    pub(crate) link_stall_span: Option<StallSpanLink>,
+}
+
+/// The hook [`Config::link_stall_span`] takes.
+type LinkFn = dyn Fn(&tracing::Span, &Culprit) + Send + Sync;
+
+/// What [`Config::link_stall_span`] set.
+#[derive(Clone)]
+pub(crate) struct StallSpanLink(pub(crate) Arc<LinkFn>);
+
+impl fmt::Debug for StallSpanLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StallSpanLink(..)")
+    }
 }
 
 impl Config {
@@ -90,6 +108,25 @@ impl Config {
         self.stacks = stacks;
         self
     }
+
+    /// Called on the watcher thread with each `executor.stall` span as it
+    /// opens and the stalled task's culprit: the place to link the span to
+    /// the culprit's request when that request's span is not a `tracing`
+    /// span (one made with the OpenTelemetry SDK, whose ids the culprit
+    /// carries in [`Culprit::trace_id`] and [`Culprit::span_id`]), e.g. with
+    /// tracing-opentelemetry's `OpenTelemetrySpanExt::add_link`. A culprit
+    /// made [`with_span`](Culprit::with_span) is linked without it
+    /// (`follows_from`). Not called for a stall without a culprit, nor when
+    /// no subscriber takes the span.
+    ///
+    /// By default, there is none.
+    pub fn link_stall_span(
+        mut self,
+        link: impl Fn(&tracing::Span, &Culprit) + Send + Sync + 'static,
+    ) -> Config {
+        self.link_stall_span = Some(StallSpanLink(Arc::new(link)));
+        self
+    }
 }
 
 impl Default for Config {
@@ -101,6 +138,7 @@ impl Default for Config {
             max_workers: Config::DEFAULT_MAX_WORKERS,
             trace_url: None,
             stacks: true,
+            link_stall_span: None,
         }
     }
 }

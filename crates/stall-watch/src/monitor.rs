@@ -197,6 +197,8 @@ pub(crate) struct Monitor {
     total: AtomicU64,
     /// Base URL for trace links (`{url}/trace/{trace_id}`).
     trace_url: Option<String>,
+    /// [`crate::Config::link_stall_span`].
+    pub(crate) link_stall_span: Option<crate::config::StallSpanLink>,
     /// Whether the watcher wakes an idle worker at each stall.
     wake_idle_worker: bool,
     /// The watched runtime, learnt by the poll hooks on a worker's first
@@ -239,6 +241,7 @@ impl Monitor {
             history_len: config.history,
             total: AtomicU64::new(0),
             trace_url: config.trace_url.clone(),
+            link_stall_span: config.link_stall_span.clone(),
             wake_idle_worker: config.wake_idle_worker,
             runtime: OnceLock::new(),
             workers: AtomicUsize::new(0),

@@ -11,14 +11,21 @@
 
 use tracing::field::Empty;
 
+use crate::config::StallSpanLink;
 use crate::culprit::Culprit;
 use crate::monitor::StallRecord;
 
 /// The target of the span and of the watcher's log events.
 pub(crate) const TARGET: &str = "stall_watch";
 
-/// Opens the span of a stall on `worker` by `culprit` (task `task`).
-pub(crate) fn open(worker: usize, task: u64, culprit: Option<&Culprit>) -> tracing::Span {
+/// Opens the span of a stall on `worker` by `culprit` (task `task`), linked
+/// to the culprit's span by `follows_from` and by `link`, if given.
+pub(crate) fn open(
+    worker: usize,
+    task: u64,
+    culprit: Option<&Culprit>,
+    link: Option<&StallSpanLink>,
+) -> tracing::Span {
     let span = tracing::info_span!(
         target: TARGET,
         parent: None,
@@ -39,6 +46,11 @@ pub(crate) fn open(worker: usize, task: u64, culprit: Option<&Culprit>) -> traci
     );
     if let Some(follows) = culprit.and_then(|c| c.span.clone()) {
         span.follows_from(follows);
+    }
+    if let (Some(link), Some(culprit)) = (link, culprit)
+        && !span.is_disabled()
+    {
+        (link.0)(&span, culprit);
     }
     span
 }

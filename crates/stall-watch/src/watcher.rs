@@ -286,7 +286,12 @@ fn tick(
                 w.last_capture = None;
                 monitor.wake_an_idle_worker();
                 let culprit = monitor.culprits.get(task);
-                w.span = Some(crate::span::open(worker, task, culprit.as_deref()));
+                w.span = Some(crate::span::open(
+                    worker,
+                    task,
+                    culprit.as_deref(),
+                    monitor.link_stall_span.as_ref(),
+                ));
                 match culprit.as_deref() {
                     Some(c) => tracing::warn!(
                         target: TARGET,
@@ -423,7 +428,12 @@ fn file(monitor: &Monitor, finished: Finished) {
         record.cpu,
     );
     let span = span.unwrap_or_else(|| {
-        crate::span::open(record.worker, record.task_id, record.culprit.as_ref())
+        crate::span::open(
+            record.worker,
+            record.task_id,
+            record.culprit.as_ref(),
+            monitor.link_stall_span.as_ref(),
+        )
     });
     crate::span::close(&span, &record);
 }

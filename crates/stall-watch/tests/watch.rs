@@ -1,7 +1,7 @@
 //! The core on a bare tokio runtime (no axum): a stall is seen while it
 //! lasts, named after the task's culprit, filed with its CPU class, and
 //! reported as an `executor.stall` span that follows from the culprit's
-//! span.
+//! span (or is linked to it by `Config::link_stall_span`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,7 +109,7 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<
 }
 
 #[test]
-fn the_stall_span_follows_from_the_culprits_span_and_closes_when_the_stall_ends() {
+fn the_stall_span_follows_from_the_culprits_span_or_is_linked_by_the_hook_and_closes() {
     let recorder = Recorder::default();
     let subscriber = tracing_subscriber::registry().with(recorder.clone());
     // Global: the watcher thread emits the span.
@@ -145,6 +145,39 @@ fn the_stall_span_follows_from_the_culprits_span_and_closes_when_the_stall_ends(
             .then_some(())
     });
     assert_eq!(watch.stalls(1).total, 1);
+
+    // A culprit whose request span is not a `tracing` span (one made with
+    // the OpenTelemetry SDK) is linked through the hook, by its ids.
+    let linked = Arc::new(Mutex::new(Vec::new()));
+    let sink = linked.clone();
+    let watch = Watch::new(
+        Config::default()
+            .threshold(Duration::from_millis(20))
+            .link_stall_span(move |span, culprit| {
+                sink.lock().unwrap().push((
+                    span.id(),
+                    culprit.trace_id.clone(),
+                    culprit.span_id.clone(),
+                ));
+            }),
+    );
+    let runtime = one_worker(&watch);
+    let tracker = watch.clone();
+    runtime.spawn(async move {
+        let culprit = Culprit::new("GET /sdk").with_trace(
+            "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+            "00f067aa0ba902b7".to_owned(),
+        );
+        let _named = tracker.track_current(Arc::new(culprit));
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    let (span, trace, span_id) = wait_for(|| linked.lock().unwrap().first().cloned());
+    let span = span.expect("the stall span, recorded");
+    assert!(recorder.stalls.lock().unwrap().contains(&span));
+    assert_eq!(trace.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(span_id.as_deref(), Some("00f067aa0ba902b7"));
+    wait_for(|| (watch.stalls(1).total == 1).then_some(()));
+    assert_eq!(linked.lock().unwrap().len(), 1, "once per stall");
 }
 
 /// The live stack of the stall on worker 0, once captured.
