@@ -14,7 +14,9 @@
 //!   (`queued_ms` + `wall_ms`) and the client's view are printed; the 50 ms
 //!   goal on the first, at p99, is asserted with `STALL_LAB_LOAD_STRICT=1`
 //!   (`scripts/test` runs this test so against the release build, with
-//!   `STALL_LAB_TEST_BIN`; the debug build's burst alone takes about that);
+//!   `STALL_LAB_TEST_BIN`; the debug build's burst alone takes about that),
+//!   and the test's own threads then run at +10 nice, as clients on other
+//!   machines would not take the server's cores;
 //! - SIGTERM under the same load: the server exits within
 //!   `server.shutdown_grace_ms`, and the span of every request the clients
 //!   saw answered 200 reached the collector (matched by the span id in
@@ -223,6 +225,12 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
             ("STALL_LAB__RUNTIME__MAX_BLOCKING_THREADS", "4"),
         ],
     );
+    let strict = std::env::var_os("STALL_LAB_LOAD_STRICT").is_some();
+    if strict {
+        // The 50 ms is the server's: its clients and collector would run on
+        // other machines, not on its two cores at its priority.
+        give_way_to_the_server(10);
+    }
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stopping = Arc::new(AtomicBool::new(false));
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -336,7 +344,7 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
         handler_p50 <= Duration::from_millis(50),
         "the 503s took {handler_p50:?} (median) in their handlers"
     );
-    if std::env::var_os("STALL_LAB_LOAD_STRICT").is_some() {
+    if strict {
         let p99 = percentile(&busy_server, 0.99);
         assert!(
             p99 <= Duration::from_millis(50),
@@ -348,6 +356,33 @@ async fn mixed_load_at_the_stall_budget_then_sigterm() {
         missing, 0,
         "{missing} of {ok} answered requests have no span at the collector"
     );
+}
+
+/// Lowers the priority of every thread of this test process (the load
+/// generator and the stand-in collector) by `by` nice levels; threads it
+/// starts later inherit it. The server, a child started before, keeps its
+/// own.
+fn give_way_to_the_server(by: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Pid, getpriority_process, setpriority_process};
+        let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+            return;
+        };
+        for thread in threads.flatten() {
+            let Some(tid) = thread.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let Some(tid) = Pid::from_raw(tid) else {
+                continue;
+            };
+            if let Ok(now) = getpriority_process(Some(tid)) {
+                let _ = setpriority_process(Some(tid), (now + by).min(19));
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
 }
 
 /// The soak: the same mix for 10 minutes (`STALL_LAB_SOAK_SECS`) with a
