@@ -1,10 +1,11 @@
 //! The poll hooks: the only stall-watcher code that runs on the workers.
 //!
 //! `on_before_task_poll` and `on_after_task_poll` (tokio_unstable) run on the
-//! worker thread immediately around every task poll. They must be cheap: a
-//! thread-local read for the worker index, one TSC read (quanta), a few relaxed or
-//! release atomic stores. Anything heavier — looking up the culprit, reading
-//! the CPU clock — happens only when a poll turns out to be long.
+//! worker thread immediately around every task poll. They must be cheap:
+//! the worker index (tokio's thread-local before the poll, ours after it),
+//! one TSC read each (quanta), a few relaxed or release atomic stores, and a
+//! comparison in raw ticks. Anything heavier — looking up the culprit,
+//! reading the CPU clock — happens only when a poll turns out to be long.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -30,18 +31,23 @@ pub(crate) struct LongPoll {
 }
 
 /// What a thread last registered as: for which monitor (its id; 0 for none
-/// yet) and under which kernel thread id.
+/// yet), as which worker and under which kernel thread id.
 #[derive(Clone, Copy)]
 struct Registration {
     monitor: usize,
+    worker: usize,
     tid: u64,
 }
 
 thread_local! {
     /// A monitor id, not a flag: a thread may poll for one runtime, then
     /// another (a `current_thread` runtime runs on its caller's thread).
+    /// The after-poll hook reads its worker here, a plain thread-local,
+    /// rather than asking tokio again; when the monitor is another one (a
+    /// poll nested in ours: `block_in_place`, then `Handle::block_on`), it
+    /// asks tokio.
     static REGISTERED: Cell<Registration> = const {
-        Cell::new(Registration { monitor: 0, tid: 0 })
+        Cell::new(Registration { monitor: 0, worker: 0, tid: 0 })
     };
 }
 
@@ -61,7 +67,10 @@ pub(crate) fn install(
             return;
         };
         let registered = REGISTERED.get();
-        if registered.monitor != before.id || slot.tid.load(Ordering::Relaxed) != registered.tid {
+        if registered.monitor != before.id
+            || registered.worker != worker
+            || slot.tid.load(Ordering::Relaxed) != registered.tid
+        {
             // Once per worker thread, and again if another thread took this
             // worker over (`block_in_place`) and this one took it back: the
             // runtime, the thread's id and a first clock sample.
@@ -72,6 +81,7 @@ pub(crate) fn install(
             let tid = cpu::current_tid().unwrap_or(0);
             REGISTERED.set(Registration {
                 monitor: before.id,
+                worker,
                 tid,
             });
             if tid != 0 {
@@ -99,19 +109,31 @@ pub(crate) fn install(
     let after = monitor;
     // `Sender` is `Send + Sync` (Rust ≥ 1.72), so the hook can own it.
     builder.on_after_task_poll(move |meta| {
-        let Some(worker) = tokio::runtime::worker_index() else {
-            return;
+        let registered = REGISTERED.get();
+        let (worker, tid) = if registered.monitor == after.id {
+            (registered.worker, Some(registered.tid))
+        } else {
+            match tokio::runtime::worker_index() {
+                Some(worker) => (worker, None),
+                None => return,
+            }
         };
         let Some(slot) = after.slots.get(worker) else {
             return;
         };
+        if tid.is_some_and(|tid| tid != slot.tid.load(Ordering::Relaxed)) {
+            // This poll gave the worker away (`block_in_place`) and the
+            // thread that took it over registered: the slot is its now.
+            return;
+        }
         let started = slot.poll_started.load(Ordering::Relaxed);
         slot.poll_started.store(0, Ordering::Release);
         if started == 0 {
             return;
         }
         let (started, ended) = (started - 1, after.clock.raw());
-        if after.clock.delta_as_nanos(started, ended) < after.threshold_ns {
+        // Saturating: a TSC read on another core may lag a little.
+        if ended.saturating_sub(started) < after.threshold_raw {
             return;
         }
         // A long poll: now, and only now, do the expensive parts.

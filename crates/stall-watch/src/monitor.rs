@@ -17,8 +17,11 @@ use crate::culprit::{Culprit, Culprits};
 
 /// What one worker is doing right now, written by the poll hooks on that
 /// worker and read by everyone else. Plain atomics: the hooks run on every
-/// poll of every task and must cost next to nothing.
+/// poll of every task and must cost next to nothing. Aligned to 128 bytes
+/// (two cache lines, the unit x86's adjacent-line prefetcher pulls) so
+/// that two workers' hooks never write to one line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct WorkerSlot {
     /// Start of the poll in progress, in raw ticks of the monitor's clock,
     /// plus one; 0 means "not polling".
@@ -186,8 +189,11 @@ pub(crate) struct Monitor {
     pub(crate) clock: quanta::Clock,
     /// `clock`'s raw reading at `epoch`.
     epoch_raw: u64,
-    /// The threshold in nanoseconds, for the after-poll hook's comparison.
+    /// The threshold in nanoseconds.
     pub(crate) threshold_ns: u64,
+    /// The threshold in `clock`'s raw ticks, for the after-poll hook's
+    /// comparison (no scaling per poll).
+    pub(crate) threshold_raw: u64,
     pub(crate) epoch_unix_ns: u64,
     pub(crate) threshold: Duration,
     pub(crate) slots: Vec<WorkerSlot>,
@@ -226,11 +232,14 @@ impl Monitor {
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0));
         let clock = quanta::Clock::new();
         let epoch_raw = clock.raw();
+        let threshold_ns = u64::try_from(config.threshold.as_nanos()).unwrap_or(u64::MAX);
+        let threshold_raw = raw_ticks_for(&clock, threshold_ns);
         Monitor {
             epoch: Instant::now(),
             clock,
             epoch_raw,
-            threshold_ns: u64::try_from(config.threshold.as_nanos()).unwrap_or(u64::MAX),
+            threshold_ns,
+            threshold_raw,
             epoch_unix_ns,
             threshold: config.threshold,
             slots: (0..config.max_workers)
@@ -523,6 +532,31 @@ impl Monitor {
     }
 }
 
+/// The fewest raw ticks of `clock` that scale to at least `ns`
+/// nanoseconds (`u64::MAX` if none do).
+fn raw_ticks_for(clock: &quanta::Clock, ns: u64) -> u64 {
+    let reaches = |ticks: u64| clock.delta_as_nanos(0, ticks) >= ns;
+    // Double up to a bound that reaches, then halve the gap: ~64 scalings,
+    // once per monitor. The cap keeps the scaling's arithmetic in range.
+    let mut high = ns.max(1);
+    while !reaches(high) {
+        if high >= 1 << 62 {
+            return u64::MAX;
+        }
+        high *= 2;
+    }
+    let mut low = 0;
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if reaches(mid) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    high
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -543,6 +577,22 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_raw_threshold_is_the_first_tick_count_that_reaches_it() {
+        let clock = quanta::Clock::new();
+        for ns in [1, 999, 1_000_000, 20_000_000, 10_000_000_000] {
+            let ticks = raw_ticks_for(&clock, ns);
+            assert!(
+                clock.delta_as_nanos(0, ticks) >= ns,
+                "{ns} ns: {ticks} ticks"
+            );
+            assert!(
+                clock.delta_as_nanos(0, ticks - 1) < ns,
+                "{ns} ns: {ticks} ticks"
+            );
+        }
     }
 
     #[test]

@@ -83,6 +83,37 @@ fn short_polls_are_not_stalls() {
     assert_eq!(watch.stalls(10).total, 0);
 }
 
+/// `block_in_place` hands the worker to a new thread. When the first
+/// thread's poll finally ends, its after-poll hook must leave alone the
+/// worker's slot, where the new thread is stalling meanwhile.
+#[test]
+fn a_poll_that_gave_its_worker_away_does_not_end_the_next_stall_on_it() {
+    let watch = Watch::new(
+        Config::default()
+            .threshold(Duration::from_millis(20))
+            .stacks(false),
+    );
+    let runtime = one_worker(&watch);
+    runtime.spawn(async {
+        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(150)));
+    });
+    let tracker = watch.clone();
+    runtime.spawn(async move {
+        // By now the worker runs on the thread that took it over.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let _named = tracker.track_current(Arc::new(Culprit::new("after the hand-over")));
+        std::thread::sleep(Duration::from_millis(400));
+    });
+    let filed = wait_for(|| {
+        watch.stalls(10).recent.into_iter().find(|s| {
+            s.culprit
+                .as_ref()
+                .is_some_and(|c| &*c.route == "after the hand-over")
+        })
+    });
+    assert!(filed.duration_ms >= 390.0, "{filed:?}");
+}
+
 /// Spans named `executor.stall`, and what each follows from.
 #[derive(Default, Clone)]
 struct Recorder {
