@@ -52,6 +52,7 @@ pub fn router() -> Router<AppState> {
 }
 
 pub use crate::report::HOLD_MS;
+pub use crate::scenario::Scenario;
 
 /// Runs `job` on the blocking pool, its thread reniced by
 /// `runtime.offload_nice` first ([`crate::cpu::lower_priority`]): offloaded
@@ -68,7 +69,6 @@ fn offload<T: Send + 'static>(
         job()
     })
 }
-pub use crate::scenario::Scenario;
 
 /// How the worker a request ran on is named in verdicts: on a
 /// `current_thread` runtime it is "the only worker", which is the point.
