@@ -2,9 +2,8 @@
 //!
 //! `on_before_task_poll` and `on_after_task_poll` (tokio_unstable) run on the
 //! worker thread immediately around every task poll. They must be cheap:
-//! the worker index (tokio's thread-local before the poll, ours after it),
-//! one TSC read each (quanta), a few relaxed or release atomic stores, and a
-//! comparison in raw ticks. Anything heavier — looking up the culprit,
+//! the worker index (tokio's thread-local), one TSC read each (quanta), a
+//! few relaxed or release atomic stores, and a comparison in raw ticks. Anything heavier — looking up the culprit,
 //! reading the CPU clock — happens only when a poll turns out to be long.
 
 use std::cell::Cell;
@@ -42,10 +41,8 @@ struct Registration {
 thread_local! {
     /// A monitor id, not a flag: a thread may poll for one runtime, then
     /// another (a `current_thread` runtime runs on its caller's thread).
-    /// The after-poll hook reads its worker here, a plain thread-local,
-    /// rather than asking tokio again; when the monitor is another one (a
-    /// poll nested in ours: `block_in_place`, then `Handle::block_on`), it
-    /// asks tokio.
+    /// The after-poll hook checks here that the worker's slot is still this
+    /// thread's.
     static REGISTERED: Cell<Registration> = const {
         Cell::new(Registration { monitor: 0, worker: 0, tid: 0 })
     };
@@ -109,19 +106,17 @@ pub(crate) fn install(
     let after = monitor;
     // `Sender` is `Send + Sync` (Rust ≥ 1.72), so the hook can own it.
     builder.on_after_task_poll(move |meta| {
-        let registered = REGISTERED.get();
-        let (worker, tid) = if registered.monitor == after.id {
-            (registered.worker, Some(registered.tid))
-        } else {
-            match tokio::runtime::worker_index() {
-                Some(worker) => (worker, None),
-                None => return,
-            }
+        let Some(worker) = tokio::runtime::worker_index() else {
+            return;
         };
         let Some(slot) = after.slots.get(worker) else {
             return;
         };
-        if tid.is_some_and(|tid| tid != slot.tid.load(Ordering::Relaxed)) {
+        let registered = REGISTERED.get();
+        if registered.monitor == after.id
+            && registered.worker == worker
+            && registered.tid != slot.tid.load(Ordering::Relaxed)
+        {
             // This poll gave the worker away (`block_in_place`) and the
             // thread that took it over registered: the slot is its now.
             return;
