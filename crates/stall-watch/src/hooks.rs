@@ -3,8 +3,9 @@
 //! `on_before_task_poll` and `on_after_task_poll` (tokio_unstable) run on the
 //! worker thread immediately around every task poll. They must be cheap:
 //! the worker index (tokio's thread-local), one TSC read each (quanta), a
-//! few relaxed or release atomic stores, and a comparison in raw ticks. Anything heavier — looking up the culprit,
-//! reading the CPU clock — happens only when a poll turns out to be long.
+//! few relaxed or release atomic stores, and a comparison in raw ticks.
+//! Anything heavier — looking up the culprit, reading the CPU clock —
+//! happens only when a poll turns out to be long.
 
 use std::cell::Cell;
 use std::sync::Arc;
